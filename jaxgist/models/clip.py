@@ -1,0 +1,34 @@
+"""Public CLIP API: ``create`` (random init), ``load`` (pretrained), ``save_hf``, and the model.
+
+    from jaxgist.models import clip
+    model = clip.load("ViT-B/32")                  # hub name, HF directory or OpenAI .pt
+    img = model.encode_image(pixels)               # [B, H, W, 3] normalized -> [B, E]
+    txt = model.encode_text(ids)                   # [B, L] ids -> [B, E]
+    logits_per_image, logits_per_text = model(pixels, ids)
+    clip.save_hf(model, "out_dir")                 # loadable by transformers.CLIPModel
+"""
+
+from jaxgist.models.clip_model import (  # noqa: F401
+    CLIP,
+    LOGIT_SCALE_MAX,
+    PRESETS,
+    CLIPConfig,
+    TextConfig,
+    VisionConfig,
+    abstract,
+    create,
+    normalize,
+    resolve_config,
+)
+from jaxgist.models.clip_weights import (  # noqa: F401
+    OPENAI_HUB_NAMES,
+    CheckpointMismatchError,
+    config_from_hf,
+    config_from_openai,
+    config_to_hf,
+    from_hf_state_dict,
+    load,
+    openai_to_hf,
+    save_hf,
+    to_hf_state_dict,
+)
