@@ -161,3 +161,14 @@ def test_bad_paths(tmp_path):
 def test_invalid_context_length(tok):
     with pytest.raises(ValueError):
         tok("a bird", context_length=1)
+
+
+def test_trim_padding_keeps_every_token():
+    ids = np.zeros((3, 77), np.int32)
+    ids[0, :5] = [START, 1, 2, 3, END]
+    ids[1, :11] = [START] + list(range(1, 10)) + [END]
+    trimmed = tokenizer.trim_padding(ids, multiple=8)
+    assert trimmed.shape == (3, 16)
+    np.testing.assert_array_equal(trimmed, ids[:, :16])
+    assert tokenizer.trim_padding(ids, multiple=100).shape == (3, 77)  # never wider than the input
+    assert tokenizer.trim_padding(np.zeros((2, 77), np.int32)).shape == (2, 8)

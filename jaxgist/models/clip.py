@@ -32,3 +32,23 @@ from jaxgist.models.clip_weights import (  # noqa: F401
     save_hf,
     to_hf_state_dict,
 )
+
+
+def from_config(model_config, *, seed: int = 0) -> CLIP:
+    """The model a job config asks for: ``init`` (hub name, HF directory or .pt) if set, else a random
+    ``preset`` (a preset name or a dict of CLIPConfig fields). ``dtype``/``compute_dtype``/``remat``
+    are optional keys."""
+    import jax.numpy as jnp
+
+    get = model_config.get
+    dtype = jnp.dtype(get("dtype") or "float32")
+    compute = jnp.dtype(get("compute_dtype") or dtype)
+    remat = bool(get("remat") or False)
+    if get("init"):
+        return load(get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
+    preset = get("preset")
+    if preset is None:
+        raise ValueError("model config needs 'init' (pretrained weights) or 'preset' (random init)")
+    if hasattr(preset, "to_dict"):
+        preset = preset.to_dict()
+    return create(preset, seed=seed, param_dtype=dtype, dtype=compute, remat=remat)

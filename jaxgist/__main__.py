@@ -1,0 +1,3 @@
+from jaxgist.main import cli
+
+cli()

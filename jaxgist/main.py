@@ -1,0 +1,49 @@
+"""The jaxgist launcher: ``python -m jaxgist --config configs/<name>.py[:arg] --workdir DIR``.
+
+``--config.a.b=value`` overrides any config field. The config's ``method`` picks the job; every job
+writes ``DIR/results.json`` and ``DIR/results.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# config.method -> module with run(config, workdir) -> results dict
+METHODS = {
+    "zero_shot": "jaxgist.zero_shot",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embeddings and results.")
+
+
+def run_job(config, workdir: str) -> dict:
+    method = config.get("method")
+    if method not in METHODS:
+        raise ValueError(f"config.method={method!r} is not one of {sorted(METHODS)}")
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return importlib.import_module(METHODS[method]).run(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    run_job(_CONFIG.value, _WORKDIR.value)
+    workdir = pathlib.Path(_WORKDIR.value)
+    print((workdir / "results.md").read_text())
+    print(f"results: {workdir / 'results.json'}")
+
+
+def cli():
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
