@@ -165,3 +165,9 @@ def test_trimmed_padding_gives_the_same_text_embeddings():
     assert trimmed.shape == (4, 8)
     np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(trimmed))),
                                np.asarray(model.encode_text(jnp.asarray(ids))), rtol=0, atol=1e-6)
+
+
+def test_hub_name_without_network_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-base-patch32"):
+        clip.load("ViT-B/32")

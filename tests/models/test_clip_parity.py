@@ -191,3 +191,18 @@ def test_openai_fp16_checkpoint_wrapped_and_prefixed(tmp_path):
     with torch.no_grad():
         ref_img = ref.encode_image(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(np.asarray(ours.encode_image(jnp.asarray(pixels))), ref_img, rtol=0, atol=ATOL)
+
+
+def test_pytorch_model_bin_directory(tmp_path):
+    """HF directories that hold pytorch_model.bin instead of safetensors load the same weights."""
+    _, vision, text, proj = HF_CONFIGS[0]
+    ref = save_random_hf(tmp_path / "st", vision, text, proj, seed=7)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(ref.state_dict(), bin_dir / "pytorch_model.bin")
+    a = clip.to_hf_state_dict(clip.load(tmp_path / "st"))
+    b = clip.to_hf_state_dict(clip.load(bin_dir))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
