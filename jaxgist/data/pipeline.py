@@ -1,0 +1,190 @@
+"""grain input pipelines: image/caption pairs for contrastive training, image/label batches for
+evaluation, and their assembly into global ``jax.Array``s.
+
+Order (as in large-scale JAX trainers): pair -> shuffle -> repeat -> shard by process -> decode and
+augment (seeded per record) -> batch -> (multiprocess) prefetch. Everything before the map is
+index arithmetic, so the pipeline is deterministic given the seed and its iterator state
+(``get_state``/``set_state``) resumes exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from jaxgist.data import images, transforms
+
+DEFAULT_TEMPLATE = "{species}: {caption}"
+
+
+class PairedCaptions:
+    """Random-access view in which each image appears ``num_captions`` times, once with each of its
+    first ``num_captions`` matched captions, as ``text = template.format(species=..., caption=...)``.
+
+    Item ``i`` is image ``i // num_captions`` with caption ``i % num_captions``.
+    """
+
+    def __init__(self, source, num_captions: int, template: str = DEFAULT_TEMPLATE):
+        if num_captions < 1:
+            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
+        if "{caption}" not in template:
+            raise ValueError(f"caption template {template!r} has no '{{caption}}' field")
+        self.source, self.num_captions, self.template = source, num_captions, template
+
+    def __len__(self) -> int:
+        return len(self.source) * self.num_captions
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = dict(self.source[index // self.num_captions])
+        captions = record.get("captions")
+        if captions is None:
+            raise KeyError(f"record {record.get('filename')!r} has no captions (load the source with a captions file)")
+        which = index % self.num_captions
+        if which >= len(captions):
+            raise ValueError(f"{record.get('filename')!r} has {len(captions)} captions, "
+                             f"fewer than num_captions={self.num_captions}")
+        record["text"] = self.template.format(species=record.get("species", ""), caption=captions[which])
+        record["caption_index"] = which
+        return record
+
+
+def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
+    index = jax.process_index() if shard_index is None else shard_index
+    count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is outside [0, {count})")
+    return ds[index::count] if count > 1 else ds
+
+
+def _per_process_batch(global_batch: int, shard_count: int | None) -> int:
+    count = jax.process_count() if shard_count is None else shard_count
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {count} processes")
+    return global_batch // count
+
+
+class _TrainExample:
+    """Decode, augment and tokenize one pair (a picklable callable, for grain worker processes)."""
+
+    def __init__(self, image_size: int, tokenize: Callable[[Sequence[str]], np.ndarray], num_captions: int,
+                 skip_unreadable: bool):
+        self.image_size, self.tokenize, self.skip_unreadable = image_size, tokenize, skip_unreadable
+        self.num_captions = num_captions
+
+    def __call__(self, record, rng: np.random.Generator):
+        image = _read(record, self.skip_unreadable)
+        if image is None:
+            return None
+        return {
+            "image": transforms.train_preprocess(image, self.image_size, rng),
+            "ids": self.tokenize([record["text"]])[0],
+            "label": np.int32(record["label"]),
+            # which (image, caption) pair this is: image index * num_captions + caption index
+            "pair": np.int64(record["index"] * self.num_captions + record["caption_index"]),
+        }
+
+
+class _EvalExample:
+    def __init__(self, image_size: int, skip_unreadable: bool):
+        self.image_size, self.skip_unreadable = image_size, skip_unreadable
+
+    def __call__(self, record):
+        image = _read(record, self.skip_unreadable)
+        if image is None:
+            return None
+        return {
+            "image": transforms.clip_eval_preprocess(image, self.image_size),
+            "label": np.int32(record["label"]),
+            "index": np.int64(record["index"]),
+        }
+
+
+_skipped: list[str] = []
+
+
+def _read(record, skip_unreadable: bool):
+    try:
+        return images.load_image(record["path"])
+    except (FileNotFoundError, images.ImageReadError) as e:
+        if not skip_unreadable:
+            raise
+        _skipped.append(str(record["path"]))
+        logging.warning("skipping unreadable image %d in this process: %s", len(_skipped), e)
+        return None
+
+
+def skipped_images() -> list[str]:
+    """Paths skipped as unreadable by this process (``skip_unreadable=True``)."""
+    return list(_skipped)
+
+
+def _is_present(example) -> bool:
+    return example is not None
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, skip_unreadable: bool,
+            workers: int, prefetch: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
+    if skip_unreadable:
+        it = it.filter(_is_present)
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    return it
+
+
+def train_dataset(
+    source,
+    *,
+    image_size: int,
+    tokenize: Callable[[Sequence[str]], np.ndarray],
+    global_batch: int,
+    num_captions: int,
+    template: str = DEFAULT_TEMPLATE,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    skip_unreadable: bool = False,
+    workers: int = 0,
+    prefetch: int = 2,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Batches of {"image" [b, S, S, 3] float32, "ids" [b, L] int32, "label" [b] int32} for this process
+    (b = global_batch / process count). ``num_epochs=None`` repeats forever. ``iter()`` of the result
+    has ``get_state``/``set_state``; ``workers`` > 0 decodes in that many processes."""
+    ds = grain.MapDataset.source(PairedCaptions(source, num_captions, template))
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    ds = _shard(ds, shard_index, shard_count)
+    ds = ds.random_map(_TrainExample(image_size, tokenize, num_captions, skip_unreadable), seed=seed)
+    return _finish(ds, _per_process_batch(global_batch, shard_count), drop_remainder=True,
+                   skip_unreadable=skip_unreadable, workers=workers, prefetch=prefetch)
+
+
+def eval_dataset(
+    source,
+    *,
+    image_size: int,
+    batch_size: int,
+    skip_unreadable: bool = False,
+    workers: int = 0,
+    prefetch: int = 2,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short)."""
+    ds = _shard(grain.MapDataset.source(source), shard_index, shard_count)
+    ds = ds.map(_EvalExample(image_size, skip_unreadable))
+    return _finish(ds, batch_size, drop_remainder=False, skip_unreadable=skip_unreadable,
+                   workers=workers, prefetch=prefetch)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, data_axes=("data",)) -> dict[str, jax.Array]:
+    """This process's slice of a batch -> global arrays sharded over ``data_axes`` on the leading axis."""
+    axes = tuple(a for a in data_axes if a in mesh.axis_names)
+    spec = jax.sharding.PartitionSpec(axes if axes else None)
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
