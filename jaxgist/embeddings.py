@@ -28,7 +28,7 @@ def _batched(fn, model, data: np.ndarray, batch_size: int, what: str) -> np.ndar
     n = len(data)
     if n == 0:
         raise ValueError(f"no {what} to encode")
-    out, start, t0 = [], time.perf_counter(), time.perf_counter()
+    out, t0 = [], time.perf_counter()
     for start in range(0, n, batch_size):
         chunk = data[start : start + batch_size]
         valid = len(chunk)
