@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from jaxgist.data import images, transforms
 
@@ -107,12 +107,16 @@ _skipped: list[str] = []
 
 
 def _read(record, skip_unreadable: bool):
+    """The record's image as uint8 RGB: decoded from ``record["image_bytes"]`` when the source holds
+    encoded images (TFDS), read from ``record["path"]`` otherwise."""
     try:
+        if "image_bytes" in record:
+            return images.decode_image(record["image_bytes"], name=str(record.get("path", record.get("filename"))))
         return images.load_image(record["path"])
     except (FileNotFoundError, images.ImageReadError) as e:
         if not skip_unreadable:
             raise
-        _skipped.append(str(record["path"]))
+        _skipped.append(str(record.get("path", record.get("filename"))))
         logging.warning("skipping unreadable image %d in this process: %s", len(_skipped), e)
         return None
 
@@ -128,11 +132,19 @@ def _is_present(example) -> bool:
 
 def _finish(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, skip_unreadable: bool,
             workers: int, prefetch: int) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=prefetch))
+    # Without workers, read ahead `prefetch` batches' worth of examples in threads, so decoding
+    # overlaps the train step; with workers, each worker keeps `prefetch` whole batches ready.
+    read = grain.ReadOptions(num_threads=0 if workers else 2,
+                             prefetch_buffer_size=prefetch if workers else prefetch * batch_size)
+    it = ds.to_iter_dataset(read)
     if skip_unreadable:
         it = it.filter(_is_present)
     it = it.batch(batch_size, drop_remainder=drop_remainder)
     if workers:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; outside absl.app (notebooks, other CLIs)
+            # nothing has parsed them, so take the defaults.
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     return it
 
