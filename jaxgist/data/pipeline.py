@@ -132,10 +132,10 @@ def _is_present(example) -> bool:
 
 def _finish(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, skip_unreadable: bool,
             workers: int, prefetch: int) -> grain.IterDataset:
-    # Without workers, read ahead `prefetch` batches' worth of examples in threads, so decoding
-    # overlaps the train step; with workers, each worker keeps `prefetch` whole batches ready.
-    read = grain.ReadOptions(num_threads=0 if workers else 2,
-                             prefetch_buffer_size=prefetch if workers else prefetch * batch_size)
+    # Decode and augment `prefetch` batches' worth of examples ahead in 2 threads (PIL and numpy release
+    # the GIL), in the main process or in each worker; with workers, each also keeps `prefetch`
+    # whole batches ready.
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch * batch_size)
     it = ds.to_iter_dataset(read)
     if skip_unreadable:
         it = it.filter(_is_present)
