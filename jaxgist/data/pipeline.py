@@ -1,8 +1,8 @@
 """grain input pipelines: image/caption pairs for contrastive training, image/label batches for
 evaluation, and their assembly into global ``jax.Array``s.
 
-Order (as in large-scale JAX trainers): pair -> shuffle -> repeat -> shard by process -> decode and
-augment (seeded per record) -> batch -> (multiprocess) prefetch. Everything before the map is
+Order: pair -> shuffle -> repeat -> decode and augment (lazy, seeded by the position in the global
+stream) -> shard by process -> batch -> (multiprocess) prefetch. Everything before the map is
 index arithmetic, so the pipeline is deterministic given the seed and its iterator state
 (``get_state``/``set_state``) resumes exactly.
 """
@@ -170,8 +170,10 @@ def train_dataset(
     has ``get_state``/``set_state``; ``workers`` > 0 decodes in that many processes."""
     ds = grain.MapDataset.source(PairedCaptions(source, num_captions, template))
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    ds = _shard(ds, shard_index, shard_count)
+    # Seeded by the position in the global stream (the map is lazy, so sharding after it costs
+    # nothing): a pair gets the same augmentation whatever the number of processes.
     ds = ds.random_map(_TrainExample(image_size, tokenize, num_captions, skip_unreadable), seed=seed)
+    ds = _shard(ds, shard_index, shard_count)
     return _finish(ds, _per_process_batch(global_batch, shard_count), drop_remainder=True,
                    skip_unreadable=skip_unreadable, workers=workers, prefetch=prefetch)
 

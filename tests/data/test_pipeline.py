@@ -110,6 +110,18 @@ def test_process_shards_are_disjoint_and_cover_the_data(source, tok, count):
     assert all(len(s) == NUM_IMAGES * NUM_CAPTIONS // count for s in shards)
 
 
+def test_a_pair_gets_the_same_augmentation_whatever_the_process_count(source, tok):
+    """Augmentation is seeded by the position in the global stream, not in a process's shard."""
+    one = {int(p): img for b in take(iter(train(source, tok)), 3) for p, img in zip(b["pair"], b["image"])}
+    two = {}
+    for index in range(2):
+        it = iter(train(source, tok, shard_index=index, shard_count=2))
+        two.update({int(p): img for b in take(it, 3) for p, img in zip(b["pair"], b["image"])})
+    assert set(one) == set(two)
+    for pair in one:
+        np.testing.assert_array_equal(one[pair], two[pair], err_msg=f"pair {pair}")
+
+
 def test_global_batch_not_divisible_by_processes(source, tok):
     with pytest.raises(ValueError, match="not divisible"):
         train(source, tok, global_batch=6, shard_index=0, shard_count=4)
