@@ -7,6 +7,7 @@ writes ``DIR/results.json`` and ``DIR/results.md``.
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 import pathlib
 
 from absl import app, flags, logging
@@ -15,6 +16,7 @@ from ml_collections import config_flags
 # config.method -> module with run(config, workdir) -> results dict
 METHODS = {
     "zero_shot": "jaxgist.zero_shot",
+    "finetune": "jaxgist.finetune",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
@@ -30,10 +32,18 @@ def run_job(config, workdir: str) -> dict:
     return importlib.import_module(METHODS[method]).run(config, workdir)
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps INFO lines of our own code; libraries (Orbax logs every file it renames) only from WARNING."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/jaxgist/" in record.pathname.replace("\\", "/")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     run_job(_CONFIG.value, _WORKDIR.value)
     workdir = pathlib.Path(_WORKDIR.value)
     print((workdir / "results.md").read_text())

@@ -34,21 +34,39 @@ from jaxgist.models.clip_weights import (  # noqa: F401
 )
 
 
-def from_config(model_config, *, seed: int = 0) -> CLIP:
-    """The model a job config asks for: ``init`` (hub name, HF directory or .pt) if set, else a random
-    ``preset`` (a preset name or a dict of CLIPConfig fields). ``dtype``/``compute_dtype``/``remat``
-    are optional keys."""
+def _numerics(model_config):
     import jax.numpy as jnp
 
     get = model_config.get
     dtype = jnp.dtype(get("dtype") or "float32")
     compute = jnp.dtype(get("compute_dtype") or dtype)
-    remat = bool(get("remat") or False)
-    if get("init"):
-        return load(get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
-    preset = get("preset")
+    return dtype, compute, bool(get("remat") or False)
+
+
+def config_from_model_config(model_config) -> CLIPConfig:
+    """The CLIPConfig a job's ``config.model`` describes. With ``init`` set, the checkpoint is read
+    (its config decides the architecture); otherwise ``preset`` (a name or a dict of fields)."""
+    dtype, compute, remat = _numerics(model_config)
+    if model_config.get("init"):
+        return from_config(model_config).config
+    preset = model_config.get("preset")
     if preset is None:
         raise ValueError("model config needs 'init' (pretrained weights) or 'preset' (random init)")
     if hasattr(preset, "to_dict"):
         preset = preset.to_dict()
-    return create(preset, seed=seed, param_dtype=dtype, dtype=compute, remat=remat)
+    return resolve_config(preset, param_dtype=dtype, dtype=compute, remat=remat)
+
+
+def abstract_from_config(model_config) -> CLIP:
+    """``config.model``'s CLIP with placeholder parameters (shapes and dtypes only)."""
+    return abstract(config_from_model_config(model_config))
+
+
+def from_config(model_config, *, seed: int = 0) -> CLIP:
+    """The model a job config asks for: ``init`` (hub name, HF directory or .pt) if set, else a random
+    ``preset`` (a preset name or a dict of CLIPConfig fields). ``dtype``/``compute_dtype``/``remat``
+    are optional keys."""
+    dtype, compute, remat = _numerics(model_config)
+    if model_config.get("init"):
+        return load(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
+    return create(config_from_model_config(model_config), seed=seed)

@@ -392,3 +392,38 @@ def create(preset_or_config="ViT-B/32", *, seed: int = 0, **overrides) -> CLIP:
 def abstract(cfg: CLIPConfig) -> CLIP:
     """A CLIP whose parameters are shape/dtype placeholders (no memory, no init cost)."""
     return nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+
+
+# Logical axes of each parameter, by the last components of its path. Sharding rules (in the job
+# config, applied by ``jaxgist.parallel``) map these names to mesh axes; the model knows nothing of
+# meshes. "embed" is a tower's width, "heads" the attention width (q/k/v outputs), "mlp" the MLP
+# hidden width, "proj" the joint embedding, "vocab"/"pos" the rows of embedding tables.
+_LOGICAL_AXES = {
+    ("q_proj", "kernel"): ("embed", "heads"), ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("embed", "heads"), ("k_proj", "bias"): ("heads",),
+    ("v_proj", "kernel"): ("embed", "heads"), ("v_proj", "bias"): ("heads",),
+    ("out_proj", "kernel"): ("heads", "embed"), ("out_proj", "bias"): ("embed",),
+    ("fc1", "kernel"): ("embed", "mlp"), ("fc1", "bias"): ("mlp",),
+    ("fc2", "kernel"): ("mlp", "embed"), ("fc2", "bias"): ("embed",),
+    ("visual_projection", "kernel"): ("embed", "proj"),
+    ("text_projection", "kernel"): ("embed", "proj"),
+    ("patch_embedding", "kernel"): (None, None, None, "embed"),
+    ("embeddings", "class_embedding"): ("embed",),
+    ("position_embedding", "embedding"): ("pos", "embed"),
+    ("token_embedding", "embedding"): ("vocab", "embed"),
+    ("logit_scale",): (),
+}
+_NORMS = ("layer_norm1", "layer_norm2", "pre_layrnorm", "post_layernorm", "final_layer_norm")
+
+
+def logical_axes(path) -> tuple[str | None, ...]:
+    """The logical axis names of the parameter at ``path`` (a tuple of keys, as in ``nnx.State``)."""
+    names = tuple(str(p) for p in path)
+    if names and names[-1] == "value":  # a leaf inside an nnx.Variable
+        names = names[:-1]
+    for n in (2, 1):
+        if names[-n:] in _LOGICAL_AXES:
+            return _LOGICAL_AXES[names[-n:]]
+    if len(names) >= 2 and names[-2] in _NORMS and names[-1] in ("scale", "bias"):
+        return ("norm",)
+    raise KeyError(f"no logical axes for CLIP parameter {'.'.join(names)!r}")

@@ -1,0 +1,137 @@
+"""Training metrics: TensorBoard event files, a JSON-lines log, a progress line, and model FLOPs
+utilization (MFU) where the device's peak is known.
+
+Only process 0 writes files. ``metrics.jsonl`` has one ``{"step": ..., "name": value, ...}`` object
+per logged step (training and evaluation), for scripts; TensorBoard reads ``workdir/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Mapping
+
+import jax
+from absl import logging
+
+# Dense bf16 peak FLOP/s per device, by jax's device_kind. MFU is reported against these.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+    device = device or jax.devices()[0]
+    return PEAK_BF16_FLOPS.get(device.device_kind)
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled (AOT) function, per device, as XLA counts them."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if cost else None
+    return float(flops) if flops and flops > 0 else None
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class MetricsLogger:
+    """Writes metrics and prints a progress line every ``log_every`` steps.
+
+    ``flops_per_step`` (per device) and the device peak give MFU; both are optional.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, global_batch: int, log_every: int = 10,
+                 flops_per_step: float | None = None):
+        self.workdir = pathlib.Path(workdir)
+        self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, max(1, log_every)
+        self.flops_per_step, self.peak = flops_per_step, peak_flops()
+        self.is_writer = jax.process_index() == 0
+        self._tb = None
+        self._jsonl = None
+        if self.is_writer:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                import tensorboardX
+
+                self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+            except ImportError:
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+        self._last_time = time.perf_counter()
+        self._window_time = 0.0
+        self._window_steps = 0
+        self.last: dict[str, float] = {}
+
+    def step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Records train ``metrics`` of ``step`` (1-based: steps done); logs every ``log_every``."""
+        now = time.perf_counter()
+        self._window_time += now - self._last_time
+        self._last_time = now
+        self._window_steps += 1
+        if step % self.log_every and step != self.total_steps:
+            return
+        step_time = self._window_time / self._window_steps
+        self._window_time, self._window_steps = 0.0, 0
+        out = dict(metrics)
+        out["step_time_s"] = step_time
+        out["images_per_s"] = self.global_batch / step_time
+        if self.flops_per_step and self.peak:
+            out["mfu"] = self.flops_per_step / step_time / self.peak
+        self.last = out
+        self.write(step, {f"train/{k}": v for k, v in out.items()})
+        eta = step_time * (self.total_steps - step)
+        parts = [f"step {step}/{self.total_steps}", f"loss {out['loss']:.4f}"]
+        if "lr" in out:
+            parts.append(f"lr {out['lr']:.3g}")
+        parts += [f"{out['images_per_s']:.1f} img/s", f"{step_time:.3f} s/step"]
+        if "mfu" in out:
+            parts.append(f"MFU {100 * out['mfu']:.1f}%")
+        parts.append(f"ETA {format_seconds(eta)}")
+        logging.info("%s", " | ".join(parts))
+
+    def restart_clock(self) -> None:
+        """Leaves time spent since the last step (evaluation, checkpointing) out of the step time."""
+        self._last_time = time.perf_counter()
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.is_writer:
+            return
+        for name, value in scalars.items():
+            if self._tb is not None:
+                self._tb.add_scalar(name, float(value), step)
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
