@@ -126,45 +126,51 @@ def abstract_like(tree, shardings=None):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def export_hf(directory: str | os.PathLike, model_config, out_dir: str | os.PathLike, step: int | None = None,
-              ) -> pathlib.Path:
-    """Writes the parameters of checkpoint ``step`` (default: latest) of the run in ``directory``
-    (its ``checkpoints`` folder or the run's workdir) as a Hugging Face CLIP directory.
+def _run_checkpoints(directory: str | os.PathLike) -> pathlib.Path:
+    directory = pathlib.Path(directory)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    return directory
 
-    ``model_config`` is the run's ``config.model`` (it fixes the architecture)."""
+
+def load_model(directory: str | os.PathLike, model_config, step: int | None = None):
+    """The CLIP of checkpoint ``step`` (default: latest) of a run: ``directory`` is the run's workdir
+    or its ``checkpoints`` folder; ``model_config`` is the run's ``config.model`` (it fixes the
+    architecture). Only the parameters are read (not the optimizer state)."""
     from flax import nnx
 
     from jaxgist.models import clip
 
-    directory = pathlib.Path(directory)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
+    directory = _run_checkpoints(directory)
     ckpt = Checkpointer(directory, async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        steps = ckpt.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoints in {directory}")
-        if step not in ckpt.all_steps():
-            raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {ckpt.all_steps()}")
-        model = clip.abstract_from_config(model_config)
-        graphdef, abstract_params = nnx.split(model, nnx.Param)
-        meta = ckpt.manager.item_metadata(step)
-        tree = meta["state"]
-        target = _params_target(tree, abstract_params)
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps}")
+        graphdef, abstract_params = nnx.split(clip.abstract_from_config(model_config), nnx.Param)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {"params": jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)}
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-        params = restored["state"]["params"]
-        model = nnx.merge(graphdef, params)
-        path = clip.save_hf(model, out_dir)
     finally:
         ckpt.close()
+    logging.info("loaded the parameters of step %d from %s", step, directory)
+    return nnx.merge(graphdef, restored["state"]["params"]), step
+
+
+def export_hf(directory: str | os.PathLike, model_config, out_dir: str | os.PathLike, step: int | None = None,
+              ) -> pathlib.Path:
+    """Writes the parameters of checkpoint ``step`` (default: latest) of the run in ``directory``
+    (its workdir or ``checkpoints`` folder) as a Hugging Face CLIP directory."""
+    from jaxgist.models import clip
+
+    model, step = load_model(directory, model_config, step)
+    path = clip.save_hf(model, out_dir)
     logging.info("exported step %d of %s to %s", step, directory, path)
     return path
-
-
-def _params_target(tree_meta: Any, abstract_params):
-    """A restore target holding only the ``params`` entry of a saved train state."""
-    del tree_meta
-    return {"params": jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        abstract_params)}

@@ -157,27 +157,40 @@ def run(config, workdir: str) -> dict:
     evaluator = Evaluator(config, setup, workdir, tokenize) if config.train.eval_every else None
 
     last, eval_metrics = {}, {}
+
+    def finish(step, device_metrics):
+        """Host side of a step: read its metrics, stop on a non-finite loss, log."""
+        nonlocal last
+        last = train.host_metrics(device_metrics)
+        if not np.isfinite(last["loss"]):
+            good = ckpt.latest_step()
+            raise FloatingPointError(
+                f"loss is {last['loss']} at step {step}; stopping. Last good checkpoint: "
+                + (f"step {good} in {ckpt.directory}" if good is not None else "none (no step was saved)")
+                + ". Lower config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
+        logger.step(step, last)
+
     t_train = time.perf_counter()
+    pending = None  # (step, device metrics) read one step late, so the host never idles the devices
     try:
         for step in range(start + 1, steps + 1):
             batch = next(data_iter)
             state, m = compiled(state, pipeline.to_global({"image": batch["image"], "ids": batch["ids"]}, mesh,
                                                           parallel.DATA_AXES))
-            last = train.host_metrics(m)
-            if not np.isfinite(last["loss"]):
-                good = ckpt.latest_step()
-                raise FloatingPointError(
-                    f"loss is {last['loss']} at step {step}; stopping. Last good checkpoint: "
-                    + (f"step {good} in {ckpt.directory}" if good is not None else "none (no step was saved)")
-                    + ". Lower config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
-            logger.step(step, last)
-            if evaluator is not None and (step % config.train.eval_every == 0 or step == steps):
+            if pending is not None:
+                finish(*pending)
+            pending = (step, m)
+            evaluate = evaluator is not None and (step % config.train.eval_every == 0 or step == steps)
+            if not (evaluate or step % config.train.save_every == 0 or step == steps):
+                continue
+            finish(*pending)  # this step's state is evaluated or saved: its loss must be known good
+            pending = None
+            if evaluate:
                 eval_metrics = evaluator(state)
                 logger.write(step, {f"val/{k}": v for k, v in eval_metrics.items()})
                 logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if ckpt.save(step, state.as_dict(), data_iter, metrics=eval_metrics or None, force=step == steps) or (
-                    evaluator is not None and step % config.train.eval_every == 0):
-                logger.restart_clock()
+            ckpt.save(step, state.as_dict(), data_iter, metrics=eval_metrics or None, force=step == steps)
+            logger.restart_clock()
         ckpt.wait()
     finally:
         logger.close()
