@@ -634,9 +634,13 @@ def _read_manifest(root: str) -> dict[str, Any] | None:
 def write_dataset(out_dir: str | os.PathLike, *, num_classes: int = 20, train_per_class: int = 30,
                   val_per_class: int = 5, test_per_class: int = 10, image_size: int = 112, seed: int = 0,
                   num_captions: int = 5, num_descriptions: int = 6, shots: Sequence[int] = (1, 3, 5),
-                  species_per_genus: int = 4, jpeg_quality: int = 90,
+                  species_per_genus: int = 4, jpeg_quality: int = 90, first_class: int = 0,
                   overwrite: bool = False) -> SyntheticDataset:
     """Writes a fine-grained bird dataset in GIST's format and returns its paths.
+
+    The classes are species ``first_class .. first_class + num_classes - 1`` of ``species_list``
+    (labelled from 0), so datasets with disjoint ranges share no species (the demo pretrains on
+    one range and evaluates on another).
 
     Layout of ``out_dir`` (CUB's conventions):
 
@@ -661,8 +665,11 @@ def write_dataset(out_dir: str | os.PathLike, *, num_classes: int = 20, train_pe
     params = _params(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
                      test_per_class=test_per_class, image_size=image_size, seed=seed, num_captions=num_captions,
                      num_descriptions=num_descriptions, shots=shots, species_per_genus=species_per_genus,
+                     first_class=first_class,
                      jpeg_quality=jpeg_quality)
-    species = species_list(num_classes, species_per_genus)
+    if first_class < 0:
+        raise ValueError(f"first_class must be >= 0, got {first_class}")
+    species = species_list(first_class + num_classes, species_per_genus)[first_class:]
     names = [sp.name for sp in species]
     if train_per_class < 1 or val_per_class < 0 or test_per_class < 0:
         raise ValueError(f"need train_per_class >= 1 and val/test_per_class >= 0, got "

@@ -292,3 +292,12 @@ def test_classes_are_learnable_but_not_from_mean_colour(tmp_path):
     assert genus_acc > 0.85  # genera differ in several attributes: easy
     assert 2.4 * chance < species_acc < 0.9  # species of a genus differ in one: well above chance, not trivial
     assert mean_acc < species_acc and mean_acc < 0.4  # the mean colour says little
+
+
+def test_first_class_selects_a_disjoint_range_of_species(tmp_path):
+    a = synthetic.write_dataset(tmp_path / "a", num_classes=3, train_per_class=1, val_per_class=0,
+                                test_per_class=0, image_size=32, shots=())
+    b = synthetic.write_dataset(tmp_path / "b", num_classes=3, train_per_class=1, val_per_class=0,
+                                test_per_class=0, image_size=32, shots=(), first_class=3)
+    assert not set(a.class_names) & set(b.class_names)
+    assert list(b.class_names) == [sp.name for sp in synthetic.species_list(6)[3:]]
