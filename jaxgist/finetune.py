@@ -209,7 +209,8 @@ def run(config, workdir: str) -> dict:
     if config.train.export_hf and jax.process_index() == 0:
         path = clip.save_hf(setup.model(state), workdir / "hf")
         out["export_hf"] = str(path)
-    results.write_results(workdir, {"finetune": out})
+    if jax.process_index() == 0:
+        results.write_results(workdir, {"finetune": out})
     return {"finetune": out}
 
 

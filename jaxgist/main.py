@@ -10,8 +10,11 @@ import importlib
 import logging as std_logging
 import pathlib
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxgist import results
 
 # config.method -> module with run(config, workdir) -> results dict
 METHODS = {
@@ -28,7 +31,8 @@ def run_job(config, workdir: str) -> dict:
     if method not in METHODS:
         raise ValueError(f"config.method={method!r} is not one of {sorted(METHODS)}")
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     return importlib.import_module(METHODS[method]).run(config, workdir)
 
 
@@ -44,10 +48,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    run_job(_CONFIG.value, _WORKDIR.value)
-    workdir = pathlib.Path(_WORKDIR.value)
-    print((workdir / "results.md").read_text())
-    print(f"results: {workdir / 'results.json'}")
+    out = run_job(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print(results.markdown_table(out))
+        print(f"results: {pathlib.Path(_WORKDIR.value) / 'results.json'}")
 
 
 def cli():

@@ -158,10 +158,12 @@ def initialize_distributed(config=None) -> None:
     """Calls ``jax.distributed.initialize()`` when this job runs in several processes.
 
     Triggers: ``config.distributed.coordinator_address`` (with ``num_processes`` and ``process_id``),
-    a coordinator address in the environment (``JAX_COORDINATOR_ADDRESS``), a SLURM job step of
-    several tasks (``SLURM_NTASKS`` > 1), or a Cloud TPU pod slice of several workers
-    (``TPU_WORKER_HOSTNAMES`` with more than one host). Otherwise nothing happens (one process).
-    Must run before anything touches the devices.
+    a coordinator address in the environment (``JAX_COORDINATOR_ADDRESS``; ``launch/tpu_pod.sh``
+    sets it to worker 0), a SLURM job step of several tasks (``SLURM_NTASKS`` > 1), a GKE TPU
+    slice of several workers (``TPU_WORKER_HOSTNAMES`` with more than one host), or
+    ``JAXGIST_MULTIHOST=1`` (let jax detect the cluster, e.g. on Cloud TPU VMs, where the worker
+    list comes from the metadata server). Otherwise nothing happens (one process). Must run before
+    anything touches the devices.
     """
     dist = config.get("distributed") if config is not None else None
     get = (lambda k, d=None: dist.get(k, d)) if dist is not None else (lambda k, d=None: d)
@@ -170,7 +172,8 @@ def initialize_distributed(config=None) -> None:
     address = get("coordinator_address") or next((os.environ[v] for v in _MULTIHOST_ENV if os.environ.get(v)), None)
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
     tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if not (address or slurm or tpu_pod):
+    opted_in = os.environ.get("JAXGIST_MULTIHOST", "") == "1"
+    if not (address or slurm or tpu_pod or opted_in):
         return
     if jax.distributed.is_initialized():
         return
