@@ -156,8 +156,8 @@ def load_model(directory: str | os.PathLike, model_config, step: int | None = No
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = {"params": jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)}
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     finally:
         ckpt.close()
     logging.info("loaded the parameters of step %d from %s", step, directory)

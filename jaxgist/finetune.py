@@ -83,17 +83,6 @@ def validate(config) -> None:
     datasets.validate(config.data)
 
 
-def _distributed_config(config):
-    d = config.get("distributed")
-    if d is None:
-        return None
-    return ml_collections.ConfigDict(dict(
-        coordinator_address=d.coordinator_address or None,
-        num_processes=None if d.num_processes < 0 else d.num_processes,
-        process_id=None if d.process_id < 0 else d.process_id,
-        cpu_collectives=d.cpu_collectives or None))
-
-
 def total_steps(config, num_pairs: int) -> tuple[int, int]:
     """(train steps, steps per epoch) for ``num_pairs`` image/caption pairs."""
     per_epoch = num_pairs // config.train.global_batch
@@ -106,7 +95,7 @@ def total_steps(config, num_pairs: int) -> tuple[int, int]:
 def run(config, workdir: str) -> dict:
     """Fine-tunes CLIP as ``config`` says; returns and writes the results."""
     t_start = time.perf_counter()
-    parallel.initialize_distributed(ml_collections.ConfigDict({"distributed": _distributed_config(config)}))
+    parallel.initialize_distributed(config)
     validate(config)
     workdir = pathlib.Path(workdir)
     mesh = parallel.make_mesh(config.mesh)

@@ -14,12 +14,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgist import results
+from jaxgist import parallel, results
 
 # config.method -> module with run(config, workdir) -> results dict
 METHODS = {
     "zero_shot": "jaxgist.zero_shot",
     "finetune": "jaxgist.finetune",
+    "gist": "jaxgist.gist",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
@@ -30,6 +31,7 @@ def run_job(config, workdir: str) -> dict:
     method = config.get("method")
     if method not in METHODS:
         raise ValueError(f"config.method={method!r} is not one of {sorted(METHODS)}")
+    parallel.initialize_distributed(config)  # before anything touches the devices
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -50,7 +52,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     out = run_job(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-        print(results.markdown_table(out))
+        md = pathlib.Path(_WORKDIR.value) / "results.md"
+        print(md.read_text() if md.exists() else results.markdown_table(out))
         print(f"results: {pathlib.Path(_WORKDIR.value) / 'results.json'}")
 
 

@@ -157,7 +157,8 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 def initialize_distributed(config=None) -> None:
     """Calls ``jax.distributed.initialize()`` when this job runs in several processes.
 
-    Triggers: ``config.distributed.coordinator_address`` (with ``num_processes`` and ``process_id``),
+    Idempotent; the launcher calls it before any job touches jax. Triggers:
+    ``config.distributed.coordinator_address`` (with ``num_processes`` and ``process_id``),
     a coordinator address in the environment (``JAX_COORDINATOR_ADDRESS``; ``launch/tpu_pod.sh``
     sets it to worker 0), a SLURM job step of several tasks (``SLURM_NTASKS`` > 1), a GKE TPU
     slice of several workers (``TPU_WORKER_HOSTNAMES`` with more than one host), or
@@ -166,7 +167,11 @@ def initialize_distributed(config=None) -> None:
     anything touches the devices.
     """
     dist = config.get("distributed") if config is not None else None
-    get = (lambda k, d=None: dist.get(k, d)) if dist is not None else (lambda k, d=None: d)
+
+    def get(key):  # unset values are None, "" or -1 in configs
+        value = dist.get(key) if dist is not None else None
+        return None if value in ("", -1) else value
+
     if get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", get("cpu_collectives"))
     address = get("coordinator_address") or next((os.environ[v] for v in _MULTIHOST_ENV if os.environ.get(v)), None)

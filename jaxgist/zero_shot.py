@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from jaxgist import embeddings, results, tokenizer
+from jaxgist import embeddings, evaluation, results, tokenizer
 from jaxgist.data import synthetic, transforms
 from jaxgist.models import clip
 
@@ -33,10 +33,8 @@ def class_embeddings(model, tokenize, classnames: Sequence[str], templates: Sequ
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+    """Fraction of rows whose label is among the k highest logits (``evaluation.topk_accuracy``)."""
+    return evaluation.topk_accuracy(logits, labels, min(k, np.asarray(logits).shape[1]))
 
 
 def run(config, workdir: str) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,15 +11,42 @@ from jaxgist.data import synthetic
 from configs import demo
 
 
-def test_demo_config_runs_and_writes_results(tmp_path):
+def test_demo_config_runs_every_gist_stage_and_writes_results(tmp_path):
     config = demo.get_config("runlocal")
     main.run_job(config, str(tmp_path))
-    results = json.loads((tmp_path / "results.json").read_text())
-    metrics = results["zero_shot"]
+    res = json.loads((tmp_path / "results.json").read_text())["gist"]
+    heads = {f"{h}/{m}" for h in ("linear_probe_sgd", "linear_probe_ridge", "linear_probe_lbfgs", "zero_shot")
+             for m in ("pretrained", "finetuned")}
+    assert heads <= set(res)
+    for key in heads:
+        m = res[key]
+        assert m["test_count"] == 40  # 20 classes x 2 test images
+        assert 0.0 <= m["test_top1"] <= m["test_top3"] <= 1.0
+        assert m["test_top1_bootstrap_std"] > 0
+    assert res["match"]["images"] == 100 and res["finetune"]["steps"] == 15 and res["pretrain"]["steps"] == 20
+    captions = json.loads((tmp_path / "match" / "captions_top5.json").read_text())
+    assert len(captions) == 100 and all(len(c) == 5 for c in captions.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| linear_probe_sgd | finetuned |" in table and "| zero_shot | pretrained |" in table
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "gist"
+    # a stage can be rerun alone from what the others wrote
+    config.gist.stages = ("evaluate",)
+    again = main.run_job(config, str(tmp_path))["gist"]
+    assert again["linear_probe_ridge/finetuned"]["test_top1"] == res["linear_probe_ridge/finetuned"]["test_top1"]
+
+
+def test_zero_shot_job_on_generated_shapes(tmp_path):
+    config = ml_collections.ConfigDict(dict(
+        method="zero_shot", seed=0,
+        model=dict(init="", tokenizer="", dtype="float32", preset=dict(
+            vision=dict(image_size=32, patch_size=16, width=64, layers=1, heads=2, mlp_dim=128),
+            text=dict(context_length=77, width=64, layers=1, heads=2, mlp_dim=128), embed_dim=32)),
+        data=dict(source="synthetic", num_classes=10, per_class=4),
+        zero_shot=dict(templates=("a photo of a {}.",), batch_size=64)))
+    main.run_job(config, str(tmp_path))
+    metrics = json.loads((tmp_path / "results.json").read_text())["zero_shot"]
     assert metrics["num_images"] == 40 and metrics["num_classes"] == 10
     assert 0.0 <= metrics["test_top1"] <= metrics["test_top5"] <= 1.0
-    assert "| zero_shot / test_top1 |" in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "config.json").read_text())["method"] == "zero_shot"
 
 
 def test_unknown_method_is_refused(tmp_path):

@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
         source="gist",
         metadata="", image_dir="", captions="", descriptions="",
         tfds_name="", tfds_dir="", folder="",
-        synthetic=dict(dir="", num_classes=20, train_per_class=30, val_per_class=5, test_per_class=10,
+        synthetic=dict(dir="", first_class=0, num_classes=20, train_per_class=30, val_per_class=5, test_per_class=10,
                        image_size=112, seed=0, num_captions=5, shots=(1, 3, 5)),
         num_captions=5, template="{species}: {caption}", train_split="train", eval_split="val",
         missing_captions="error", check_files=True, skip_unreadable=False, workers=0, prefetch=2,
@@ -68,7 +68,7 @@ def write_synthetic(c, workdir: str | os.PathLike) -> synthetic.SyntheticDataset
     """Writes (or reuses) the synthetic dataset; process 0 writes, the others wait for it."""
     s = c.synthetic
     root = pathlib.Path(s.dir or pathlib.Path(workdir) / "synthetic")
-    kwargs = dict(num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class,
+    kwargs = dict(first_class=s.first_class, num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class,
                   test_per_class=s.test_per_class, image_size=s.image_size, seed=s.seed,
                   num_captions=s.num_captions, shots=tuple(s.shots))
     if jax.process_count() > 1:
