@@ -304,6 +304,16 @@ class _RecordSource:
         return [r["path"] for r in self._records]
 
 
+def check_caption_options(captions, num_captions: int | None, missing_captions: str) -> None:
+    """The caption arguments every source with captions takes, checked alike."""
+    if missing_captions not in ("error", "skip"):
+        raise ValueError(f"missing_captions must be 'error' or 'skip', got {missing_captions!r}")
+    if num_captions is not None and num_captions < 1:
+        raise ValueError(f"num_captions must be >= 1 or None, got {num_captions}")
+    if num_captions is not None and captions is None:
+        raise ValueError("num_captions is set but no captions file is given")
+
+
 def _check_files_exist(paths: Iterable[str], where: str) -> None:
     paths = list(paths)
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -344,12 +354,7 @@ class GistSource(_RecordSource):
                  check_files: bool = False, missing_captions: str = "error"):
         self.metadata = os.fspath(metadata)
         self.image_dir = os.fspath(image_dir)
-        if missing_captions not in ("error", "skip"):
-            raise ValueError(f"missing_captions must be 'error' or 'skip', got {missing_captions!r}")
-        if num_captions is not None and num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1 or None, got {num_captions}")
-        if num_captions is not None and captions is None:
-            raise ValueError("num_captions is set but no captions file is given")
+        check_caption_options(captions, num_captions, missing_captions)
 
         rows = read_metadata(self.metadata)
         self.class_names = class_names_from_metadata(rows, self.metadata, num_classes)

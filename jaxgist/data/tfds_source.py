@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxgist.data.sources import DataError, _few, _RecordSource, read_captions
+from jaxgist.data.sources import DataError, _few, _RecordSource, check_caption_options, read_captions
 
 # The 200 class folder names of CUB-200-2011 (its classes.txt, without the "001." numbers), in label
 # order. TFDS's caltech_birds2011 label feature has only a class count, so its names are "0".."199".
@@ -268,12 +268,7 @@ class TfdsSource(_RecordSource):
     def __init__(self, name: str, split: str | Sequence[str], *, data_dir: str | os.PathLike | None = None,
                  captions: str | os.PathLike | None = None, num_captions: int | None = None,
                  missing_captions: str = "error"):
-        if missing_captions not in ("error", "skip"):
-            raise ValueError(f"missing_captions must be 'error' or 'skip', got {missing_captions!r}")
-        if num_captions is not None and num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1 or None, got {num_captions}")
-        if num_captions is not None and captions is None:
-            raise ValueError("num_captions is set but no captions file is given")
+        check_caption_options(captions, num_captions, missing_captions)
         self.name = name
         self.dataset = _base_name(name)
         if self.dataset not in DATASETS:
