@@ -54,7 +54,8 @@ def encode_texts(model, ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 
 def encode_source(model, source, *, batch_size: int = 64, workers: int = 0, prefetch: int = 2,
-                  skip_unreadable: bool = False, normalize: bool = True) -> dict[str, np.ndarray]:
+                  skip_unreadable: bool = False, normalize: bool = True,
+                  augment_seed: int | None = None) -> dict[str, np.ndarray]:
     """Image embeddings (unit-norm, or as the model projects them with ``normalize=False``) of every
     record of ``source`` (CLIP eval preprocessing at the model's resolution), in source order:
     {"x" [N, E] float32, "y" [N] int32, "index" [N] int64}.
@@ -66,7 +67,8 @@ def encode_source(model, source, *, batch_size: int = 64, workers: int = 0, pref
 
     size = model.config.vision.image_size
     ds = pipeline.eval_dataset(source, image_size=size, batch_size=batch_size, skip_unreadable=skip_unreadable,
-                               workers=workers, prefetch=prefetch, shard_index=0, shard_count=1)
+                               workers=workers, prefetch=prefetch, shard_index=0, shard_count=1,
+                               augment_seed=augment_seed)
     xs, ys, idx, t0, done = [], [], [], time.perf_counter(), 0
     for i, batch in enumerate(ds):
         n = len(batch["label"])

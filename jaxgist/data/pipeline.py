@@ -103,6 +103,21 @@ class _EvalExample:
         }
 
 
+class _AugmentedExample:
+    """An evaluation record under training augmentation (random resized crop with ``scale``, flip)."""
+
+    def __init__(self, image_size: int, scale: tuple[float, float], skip_unreadable: bool):
+        self.image_size, self.scale, self.skip_unreadable = image_size, tuple(scale), skip_unreadable
+
+    def __call__(self, record, rng: np.random.Generator):
+        image = _read(record, self.skip_unreadable)
+        if image is None:
+            return None
+        crop = transforms.random_resized_crop_flip(image, self.image_size, rng, scale=self.scale)
+        return {"image": transforms.normalize(crop), "label": np.int32(record["label"]),
+                "index": np.int64(record["index"])}
+
+
 _skipped: list[str] = []
 
 
@@ -188,10 +203,21 @@ def eval_dataset(
     prefetch: int = 2,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    augment_seed: int | None = None,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
 ) -> grain.IterDataset:
-    """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short)."""
-    ds = _shard(grain.MapDataset.source(source), shard_index, shard_count)
-    ds = ds.map(_EvalExample(image_size, skip_unreadable))
+    """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short).
+
+    ``augment_seed`` (None: CLIP's evaluation preprocessing) instead draws a random resized crop
+    (``crop_scale``) and flip per record, seeded by the seed and the record's position: the augmented
+    passes of few-shot caches (Tip-Adapter), one pass per seed.
+    """
+    ds = grain.MapDataset.source(source)
+    if augment_seed is None:
+        ds = ds.map(_EvalExample(image_size, skip_unreadable))
+    else:
+        ds = ds.random_map(_AugmentedExample(image_size, crop_scale, skip_unreadable), seed=augment_seed)
+    ds = _shard(ds, shard_index, shard_count)
     return _finish(ds, batch_size, drop_remainder=False, skip_unreadable=skip_unreadable,
                    workers=workers, prefetch=prefetch)
 

@@ -166,3 +166,15 @@ def test_worker_processes_give_the_same_batches(source, tok):
     want = take(iter(train(source, tok)), 3)
     got = take(iter(train(source, tok, workers=1)), 3)
     assert_batches_equal(got, want)
+
+
+def test_augmented_eval_passes_are_seeded_views_in_source_order(source):
+    def first(**kw):
+        return next(iter(pipeline.eval_dataset(source, image_size=SIZE, batch_size=NUM_IMAGES, **kw)))
+
+    a, b, c, plain = first(augment_seed=1), first(augment_seed=1), first(augment_seed=2), first()
+    np.testing.assert_array_equal(a["index"], np.arange(NUM_IMAGES))
+    np.testing.assert_array_equal(a["label"], plain["label"])
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"]) and not np.array_equal(a["image"], plain["image"])
+    assert a["image"].shape == plain["image"].shape and a["image"].dtype == np.float32
