@@ -68,6 +68,9 @@ def validate(config) -> None:
     req(t.eval_every >= 0, f"config.train.eval_every={t.eval_every} must be >= 0")
     req(not t.best_metric or t.eval_every > 0,
         f"config.train.best_metric={t.best_metric!r} needs evaluation: set config.train.eval_every")
+    req("test" not in config.data.train_split and not config.data.eval_split.startswith("test"),
+        f"config.data.train_split={config.data.train_split!r} / eval_split={config.data.eval_split!r}: the "
+        f"test split is never trained or selected on")
     req(bool(config.model.init) or bool(config.model.preset),
         "config.model.init (pretrained weights) or config.model.preset (random init) must be set")
     for key in ("dtype", "compute_dtype"):

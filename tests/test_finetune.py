@@ -199,6 +199,7 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
     (lambda c: c.train.__setattr__("best_metric", "zero_shot_top1") or c.train.__setattr__("eval_every", 0),
      r"config\.train\.best_metric='zero_shot_top1' needs evaluation"),
     (lambda c: c.train.__setattr__("global_batch", 12), r"global_batch=12 is not divisible by the 8"),
+    (lambda c: c.data.__setattr__("train_split", "test"), r"the test split is never trained or selected on"),
 ])
 def test_bad_configs_fail_at_start_naming_the_key(tmp_path, synthetic_dir, edit, match):
     c = small(synthetic_dir)

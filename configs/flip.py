@@ -1,0 +1,66 @@
+"""FLIP's caption-only contrastive fine-tuning of CLIP, on the train split only.
+
+    python -m jaxgist --config configs/flip.py --workdir runs/flip-cub \
+        --config.data.metadata=data/gist/CUB/metadata.csv --config.data.image_dir=/data/CUB_200_2011/images \
+        --config.data.captions=data/cub_text_first_line.json
+
+FLIP (github.com/rohit901/flip, ``CLIP_CUB_zeroshot_KNN.ipynb``) fine-tunes CLIP ViT-B/32 with CLIP's
+contrastive loss on (image, caption) pairs whose caption is the first line of the image's human-written
+description (Reed et al.'s CUB text; no class name, no prompt template), with PyTorch Adam lr 5e-7,
+betas 0.9/0.98, eps 1e-6, weight decay 0.001 (coupled L2), batch 32, 30 epochs. ``data.captions`` is
+a JSON ``{filename: [caption, ...]}`` (the first caption is used; convert the description files to it).
+
+Differences from FLIP's notebook, on purpose:
+- FLIP pairs every CUB image (``glob(images/**/*.jpg)``), test images included. Here only the
+  ``train`` split is read: ``data.train_split`` is "train" and ``data.eval_split`` is not "test",
+  checked by ``jaxgist.flip.check_finetune_splits`` when this file builds the config.
+  ``jaxgist.flip.finetune(config, workdir)`` (or ``jaxgist.flip.validate_finetune``) also checks
+  command-line overrides and the data source itself; the generic launcher runs
+  ``jaxgist.finetune.run``, which reads ``data.train_split`` as given, so do not override it.
+- fp32 weights (FLIP: fp16 on GPU with fp32 optimizer steps), the pairs shuffled every epoch (FLIP's
+  DataLoader did not shuffle), and our training pipeline's random resized crop and flip (FLIP: CLIP's
+  eval preprocessing only).
+
+Arguments (``configs/flip.py:<arg>``):
+  (none)   FLIP's recipe above (set data.metadata, data.image_dir and data.captions).
+  small    a tiny random CLIP on generated fine-grained birds (data.source="synthetic"), one caption
+           per image, CPU, well under a minute.
+"""
+
+from jaxgist import finetune, flip
+
+
+def get_config(arg: str = ""):
+    c = finetune.default_config()
+    c.model.init = "ViT-B/32"
+    c.data.source = "gist"
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.num_captions = 1  # the first line of each image's description
+    c.data.template = "{caption}"  # the caption as it is: no class name, no prompt
+    c.train.global_batch = 32
+    c.train.epochs = 30
+    c.train.save_every = 1000
+    c.optim.update(dict(name="adam", lr=5e-7, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.001, schedule="constant",
+                        warmup_steps=0, grad_clip_norm=0.0))
+    if arg == "small":
+        c.model.init = ""
+        c.model.preset = dict(
+            vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128),
+            text=dict(context_length=77, width=64, layers=2, heads=4, mlp_dim=128),
+            embed_dim=32,
+        )
+        c.data.source = "synthetic"
+        c.data.synthetic.update(dict(num_classes=8, train_per_class=8, val_per_class=2, test_per_class=2,
+                                     image_size=48, num_captions=1, shots=(1,)))
+        c.data.check_files = True
+        c.train.global_batch = 16
+        c.train.epochs = 2
+        c.train.log_every = 2
+        c.train.eval_every = 0
+        c.train.save_every = 4
+        c.optim.lr = 1e-4
+    elif arg:
+        raise ValueError(f"unknown argument {arg!r} for configs/flip.py; expected '' or 'small'")
+    flip.check_finetune_splits(c)
+    return c
