@@ -7,7 +7,8 @@ There are no pretrained weights offline, so a tiny CLIP is first trained from sc
 captions of 20 other synthetic species (stage ``pretrain``). Then GIST runs on 20 new species,
 5 shots each: descriptions are matched to each training image, the CLIP is fine-tuned on the
 image / matched-caption pairs, and zero-shot and linear probes on pretrained and fine-tuned image
-embeddings are compared on the test split (top-1/top-3 with bootstrap std).
+embeddings are compared on the test split (top-1/top-3 with bootstrap std), together with
+Tip-Adapter(-F), CODER (zero-shot, re-ranked, few-shot) and k-NN / nearest-centroid heads.
 """
 
 from jaxgist import gist
@@ -21,6 +22,8 @@ def get_config(arg: str = ""):
     c.gist.stages = ("pretrain", "match", "finetune", "embed", "evaluate")
     c.gist.match_model = ""  # the pretrained tiny CLIP
     c.gist.probes = ("sgd", "ridge", "lbfgs")
+    c.gist.heads = ("tip_adapter", "tip_adapter_f", "coder", "coder_rerank", "coder_tip_adapter", "knn", "centroid")
+    c.gist.augment_views = 2 if runlocal else 10
     c.gist.sgd.epochs = 200 if runlocal else 1000
     c.gist.bootstrap = 200 if runlocal else 1000
     c.gist.batch_size = 64

@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxgist import (caption_matching, checkpoint, config as config_lib, embeddings, evaluation, finetune, probes,
-                     results, tokenizer, zero_shot)
+from jaxgist import (caption_matching, checkpoint, config as config_lib, embeddings, evaluation, finetune,
+                     heads as heads_lib, probes, results, tokenizer, zero_shot)
 from jaxgist.data import datasets, sources
 from jaxgist.models import clip
 
@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
         match_model="ViT-B/32", match_k=5, batch_size=64, splits=("train", "val", "test"),
         probes=("sgd",), sgd=dict(lr=0.5, epochs=1000, batch_size=64), normalize_features=False,
         zero_shot_templates=("a photo of a {}.",), bootstrap=1000, eval_step=-1, seed=0,
+        augment_views=0, heads=(), coder_knowledge="",
     ))
     c.pretrain = ml_collections.ConfigDict(dict(
         synthetic=dict(first_class=20, num_classes=20, train_per_class=20, image_size=80, seed=1, num_captions=5),
@@ -64,6 +65,9 @@ def validate(config) -> None:
     req(not unknown, f"config.gist.stages has unknown stage(s) {unknown}; stages are {STAGES}")
     req(list(g.stages) == [s for s in STAGES if s in g.stages],
         f"config.gist.stages={tuple(g.stages)} must keep the order {STAGES}")
+    bad_heads = [h for h in g.heads if h not in heads_lib.HEADS]
+    req(not bad_heads, f"config.gist.heads has unknown head(s) {bad_heads}; heads are {heads_lib.HEADS}")
+    req(g.augment_views >= 0, f"config.gist.augment_views={g.augment_views} must be >= 0")
     bad = [p for p in g.probes if p not in PROBES]
     req(not bad, f"config.gist.probes has unknown probe(s) {bad}; probes are {PROBES}")
     req(g.match_k >= 1, f"config.gist.match_k={g.match_k} must be >= 1")
@@ -175,7 +179,21 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
                                                      workers=config.data.workers,
                                                      skip_unreadable=config.data.skip_unreadable,
                                                      normalize=g.normalize_features)
+        if g.augment_views:
+            train = datasets.source(config.data, "train", workdir, with_captions=False)
+            views = [embeddings.encode_source(model, train, batch_size=g.batch_size, workers=config.data.workers,
+                                              skip_unreadable=config.data.skip_unreadable,
+                                              normalize=g.normalize_features, augment_seed=g.seed * 1000 + v)
+                     for v in range(g.augment_views)]
+            splits["trainviews"] = {"x": np.stack([v["x"] for v in views]), "y": views[0]["y"],
+                                    "index": views[0]["index"]}
         embeddings.save(out_dir / f"{name}.npz", splits, source.class_names)
+        tokenize = tokenizer.load(config.model.tokenizer or None)
+        text = {"templates": zero_shot.class_embeddings(model, tokenize, source.class_names,
+                                                        tuple(g.zero_shot_templates))}
+        if any(h.startswith("coder") for h in g.heads):
+            text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, source.class_names), tokenize))
+        np.savez(out_dir / f"{name}_text.npz", **text)
         summary[name] = {split: int(len(d["y"])) for split, d in splits.items()}
         logging.info("gist/embed: %s embeddings of %s", name, summary[name])
     return summary
@@ -205,9 +223,27 @@ def evaluate(config, workdir: pathlib.Path, init: str) -> dict:
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             out[f"linear_probe_{kind}/{name}"] = metrics
         out[f"zero_shot/{name}"] = _zero_shot(config, workdir, init, name, class_names, te)
+        if g.heads:
+            with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
+                cached = dict(f)
+            knowledge = None
+            if any(h.startswith("coder") for h in g.heads):
+                knowledge = heads_lib.load_knowledge_embeddings(_knowledge(config, workdir, class_names), cached)
+            found = heads_lib.run(tuple(g.heads), splits, cached["templates"], knowledge, bootstrap=g.bootstrap,
+                                  seed=g.seed)
+            out.update({f"{head}/{name}": m for head, m in found.items()})
     if not out:
         raise FileNotFoundError(f"no embeddings in {workdir / 'embeddings'}: run the 'embed' stage first")
     return out
+
+
+def _knowledge(config, workdir, class_names):
+    """CODER knowledge: ``gist.coder_knowledge`` if set; for synthetic data, from its drawn attributes;
+    else generated from the class names."""
+    attributes = ""
+    if config.data.source == "synthetic":
+        attributes = str(pathlib.Path(datasets.paths(config.data, workdir)["metadata"]).parent / "attributes.json")
+    return heads_lib.knowledge_for(class_names, path=config.gist.coder_knowledge, attributes=attributes)
 
 
 def _zero_shot(config, workdir, init, name, class_names, test) -> dict:
@@ -270,6 +306,9 @@ def run(config, workdir: str) -> dict:
         res.update(evaluate(config, workdir, init))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if jax.process_index() == 0:
+        previous = workdir / "results.json"
+        if previous.exists():  # stages run earlier keep their results
+            res = {**json.loads(previous.read_text()).get("gist", {}), **res}
         results.write_results(workdir, {"gist": res})
         table = comparison_table(res)
         (workdir / "results.md").write_text(table + "\n" + results.markdown_table({"gist": res}))

@@ -15,8 +15,9 @@ def test_demo_config_runs_every_gist_stage_and_writes_results(tmp_path):
     config = demo.get_config("runlocal")
     main.run_job(config, str(tmp_path))
     res = json.loads((tmp_path / "results.json").read_text())["gist"]
-    heads = {f"{h}/{m}" for h in ("linear_probe_sgd", "linear_probe_ridge", "linear_probe_lbfgs", "zero_shot")
-             for m in ("pretrained", "finetuned")}
+    names = ("linear_probe_sgd", "linear_probe_ridge", "linear_probe_lbfgs", "zero_shot", "tip_adapter",
+             "tip_adapter_f", "coder", "coder_rerank", "coder_tip_adapter", "knn", "centroid")
+    heads = {f"{h}/{m}" for h in names for m in ("pretrained", "finetuned")}
     assert heads <= set(res)
     for key in heads:
         m = res[key]
@@ -28,11 +29,13 @@ def test_demo_config_runs_every_gist_stage_and_writes_results(tmp_path):
     assert len(captions) == 100 and all(len(c) == 5 for c in captions.values())
     table = (tmp_path / "results.md").read_text()
     assert "| linear_probe_sgd | finetuned |" in table and "| zero_shot | pretrained |" in table
+    assert "| coder_rerank | finetuned |" in table and "| tip_adapter_f | pretrained |" in table
     assert json.loads((tmp_path / "config.json").read_text())["method"] == "gist"
     # a stage can be rerun alone from what the others wrote
     config.gist.stages = ("evaluate",)
     again = main.run_job(config, str(tmp_path))["gist"]
     assert again["linear_probe_ridge/finetuned"]["test_top1"] == res["linear_probe_ridge/finetuned"]["test_top1"]
+    assert again["finetune"] == res["finetune"]  # results of stages not rerun are kept
 
 
 def test_zero_shot_job_on_generated_shapes(tmp_path):
