@@ -40,10 +40,8 @@ CSV) to its list of captions, best first, in the order of the source's records.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -54,7 +52,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxgist import embeddings
+from jaxgist import embeddings, files
 from jaxgist.data import pipeline
 from jaxgist.data.sources import DataError, read_descriptions
 
@@ -318,17 +316,7 @@ def write_captions(path: str | os.PathLike, matches: Mapping[str, Sequence[str]]
             raise TypeError(f"captions must map filename strings to lists of strings; got "
                             f"{name!r}: {captions!r:.80}")
         data[name] = list(captions)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.write_json_atomic(path, data)
     return path
 
 

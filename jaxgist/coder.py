@@ -85,12 +85,13 @@ import json
 import os
 import re
 import string
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgist import files
 
 __all__ = [
     "NAME", "SYNONYM", "ATTRIBUTE", "ANALOGOUS", "KIND_NAMES", "DEFAULT_TEMPLATES", "DEFAULT_THRESHOLDS",
@@ -323,26 +324,7 @@ def write_knowledge(path: str | os.PathLike, knowledge: Knowledge) -> str:
     temporary sibling and renamed into place, so a reader never sees half a file. Returns the path."""
     data = knowledge_to_json(knowledge)
     parse_knowledge(data, source="write_knowledge")  # e.g. a hand-built Knowledge with a bad pair
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return files.write_json_atomic(path, data, newline=True, indent=1, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------
