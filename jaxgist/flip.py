@@ -86,30 +86,8 @@ def _mm(a, b):
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Head:
-    """What every head shares: ``predict`` and ``summary``."""
-
-    method: str
-    hparams: dict[str, Any]
-    val_accuracy: float
-
-    def predict_logits(self, *inputs) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def predict(self, *inputs) -> np.ndarray:
-        """[n] predicted class indices (argmax of the logits; ties to the lower class index)."""
-        return np.argmax(self.predict_logits(*inputs), axis=1)
-
-    def summary(self) -> dict[str, Any]:
-        """A flat, JSON-ready dict: method, chosen hyperparameters, validation top-1."""
-        out: dict[str, Any] = {"method": self.method, "val_top1": float(self.val_accuracy)}
-        for key, value in self.hparams.items():
-            out[key] = value.item() if isinstance(value, np.generic) else value
-        return out
-
-
 @dataclasses.dataclass(frozen=True)
-class KnnClassifier(_Head):
+class KnnClassifier(probes.FittedHead):
     """Cosine k-NN over the (L2-normalized) training embeddings ``train_x``, with the chosen k.
 
     ``predict_logits(x)``: per class, the number of the k nearest training examples in that class
@@ -141,7 +119,7 @@ class KnnClassifier(_Head):
 
 
 @dataclasses.dataclass(frozen=True)
-class CentroidClassifier(_Head):
+class CentroidClassifier(probes.FittedHead):
     """Nearest class mean: ``logits = -||t(x) - centroid_c||^2`` with the chosen feature transform t.
 
     Transforms (SimpleShot's): ``"none"``; ``"l2n"``: x / ||x||; ``"cl2n"``: (x - m) / ||x - m||, m the
@@ -173,7 +151,7 @@ class CentroidClassifier(_Head):
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridHead(_Head):
+class HybridHead(probes.FittedHead):
     """FLIP's hybrid head: [x, caption_x] -> Linear -> ReLU -> BatchNorm -> Linear, in eval mode.
 
     ``params``: ``w1`` [d_image + d_caption, hidden], ``b1``, ``gamma``, ``beta`` (BatchNorm's affine

@@ -67,8 +67,31 @@ def _mm(a, b):
 # ---------------------------------------------------------------------------------------------------
 
 
+class FittedHead:
+    """What every fitted head shares (probes here, and the heads of ``flip``, ``tip_adapter``):
+    ``predict`` from ``predict_logits``, and ``summary`` of ``method``, ``val_accuracy`` and ``hparams``."""
+
+    method: str
+    hparams: dict[str, Any]
+    val_accuracy: float
+
+    def predict_logits(self, *inputs) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def predict(self, *inputs) -> np.ndarray:
+        """[n] predicted class indices (argmax of the logits; ties to the lower class index)."""
+        return np.argmax(self.predict_logits(*inputs), axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        """A flat, JSON-ready dict: method, chosen hyperparameters, validation top-1."""
+        out: dict[str, Any] = {"method": self.method, "val_top1": float(self.val_accuracy)}
+        for key, value in self.hparams.items():
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
-class LinearProbe:
+class LinearProbe(FittedHead):
     """A fitted linear classifier ``logits = x @ weights + bias`` and how it was chosen.
 
     ``grid`` holds the candidates (L2 strengths, or epochs 1..E for SGD), ``val_curve`` the validation
@@ -95,16 +118,6 @@ class LinearProbe:
             raise ValueError(f"features must be [n, {self.weights.shape[0]}], got shape {x.shape}")
         return (x @ self.weights + self.bias).astype(np.float32)
 
-    def predict(self, x) -> np.ndarray:
-        """[n] predicted class indices."""
-        return np.argmax(self.predict_logits(x), axis=1)
-
-    def summary(self) -> dict[str, Any]:
-        """A flat, JSON-ready dict: method, chosen hyperparameters, validation top-1."""
-        out: dict[str, Any] = {"method": self.method, "val_top1": float(self.val_accuracy)}
-        for key, value in self.hparams.items():
-            out[key] = value.item() if isinstance(value, np.generic) else value
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------

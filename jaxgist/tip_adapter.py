@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgist import probes
 from jaxgist.probes import _features, _labels
 
 __all__ = ["TipAdapter", "GridSearch", "build_cache", "tip_logits", "search", "tip_adapter", "tip_adapter_f",
@@ -124,7 +125,7 @@ class GridSearch:
 
 
 @dataclasses.dataclass(frozen=True)
-class TipAdapter:
+class TipAdapter(probes.FittedHead):
     """A Tip-Adapter (``method`` "tip_adapter") or Tip-Adapter-F ("tip_adapter_f") and how it was chosen.
 
     ``text_weights`` [C, D], ``keys`` [N, D] (trained ones for -F, in the order of the training
@@ -166,15 +167,9 @@ class TipAdapter:
         return np.asarray(_logits(x, self.text_weights, cache.keys, cache.values, cache.pads,
                                   jnp.float32(self.alpha), jnp.float32(self.beta)))
 
-    def predict(self, x) -> np.ndarray:
-        """[n] predicted class indices."""
-        return np.argmax(self.predict_logits(x), axis=1)
-
     def summary(self) -> dict[str, Any]:
         """A flat, JSON-ready dict: method, validation top-1 (and zero-shot's), chosen hyperparameters."""
-        out: dict[str, Any] = {"method": self.method, "val_top1": float(self.val_accuracy)}
-        for key, value in self.hparams.items():
-            out[key] = value.item() if isinstance(value, np.generic) else value
+        out = super().summary()
         for key in ("zero_shot_val_top1", "tip_adapter_val_top1"):
             if key in self.extras:
                 out[key] = float(self.extras[key])
