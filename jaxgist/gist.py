@@ -199,7 +199,7 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
     return summary
 
 
-def evaluate(config, workdir: pathlib.Path, init: str) -> dict:
+def evaluate(config, workdir: pathlib.Path) -> dict:
     g = config.gist
     out: dict = {}
     for name in ("pretrained", "finetuned"):
@@ -222,10 +222,10 @@ def evaluate(config, workdir: pathlib.Path, init: str) -> dict:
             metrics.update({k: v for k, v in probe.summary().items() if k != "method"})
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             out[f"linear_probe_{kind}/{name}"] = metrics
-        out[f"zero_shot/{name}"] = _zero_shot(config, workdir, init, name, class_names, te)
+        with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
+            cached = dict(f)
+        out[f"zero_shot/{name}"] = _zero_shot(cached["templates"], te, g)
         if g.heads:
-            with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
-                cached = dict(f)
             knowledge = None
             if any(h.startswith("coder") for h in g.heads):
                 knowledge = heads_lib.load_knowledge_embeddings(_knowledge(config, workdir, class_names), cached)
@@ -246,17 +246,10 @@ def _knowledge(config, workdir, class_names):
     return heads_lib.knowledge_for(class_names, path=config.gist.coder_knowledge, attributes=attributes)
 
 
-def _zero_shot(config, workdir, init, name, class_names, test) -> dict:
-    g = config.gist
-    if name == "pretrained":
-        model = clip.from_config(_model_config(config, init), seed=config.seed)
-    else:
-        step = None if g.eval_step < 0 else g.eval_step
-        model = checkpoint.load_model(workdir / "finetune" / "checkpoints", _model_config(config, init), step)[0]
-    tokenize = tokenizer.load(config.model.tokenizer or None)
-    text = zero_shot.class_embeddings(model, tokenize, class_names, tuple(g.zero_shot_templates))
+def _zero_shot(text_weights, test, g) -> dict:
+    """Zero-shot top-k of the test embeddings against the class text embeddings the embed stage cached."""
     x = test["x"] / np.linalg.norm(test["x"], axis=-1, keepdims=True)
-    return evaluation.accuracy_summary(100.0 * x @ text.T, test["y"], resamples=g.bootstrap, seed=g.seed)
+    return evaluation.accuracy_summary(100.0 * x @ text_weights.T, test["y"], resamples=g.bootstrap, seed=g.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +296,7 @@ def run(config, workdir: str) -> dict:
     if "embed" in stages:
         res["embed"] = embed(config, workdir, init)
     if "evaluate" in stages:
-        res.update(evaluate(config, workdir, init))
+        res.update(evaluate(config, workdir))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if jax.process_index() == 0:
         previous = workdir / "results.json"
