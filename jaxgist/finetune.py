@@ -55,8 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(config) -> None:
-    """Fails with a message naming the key for unknown keys and bad values."""
+def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:
+    """Fails with a message naming the key for unknown keys and bad values. The mesh is checked
+    against ``num_devices`` (default: this job's devices); ``check_data=False`` leaves out the data
+    section's files (ahead-of-time compilation reads no data)."""
     config_lib.check_keys(config, default_config(), free=("model.preset", "mesh", "sharding.rules"))
     t = config.train
     req = config_lib.require
@@ -80,10 +82,19 @@ def validate(config) -> None:
     try:
         optim.validate(config.optim)
         parallel.check_rules(config.sharding.rules)
-        parallel.parse_mesh(config.mesh, jax.device_count())
+        parallel.parse_mesh(config.mesh, jax.device_count() if num_devices is None else num_devices)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    datasets.validate(config.data)
+    if check_data:
+        datasets.validate(config.data)
+
+
+def check_batch(config, mesh) -> None:
+    """The global batch must split evenly over the mesh's data-parallel devices (``data`` x ``fsdp``)."""
+    dp = parallel.data_size(mesh)
+    config_lib.require(config.train.global_batch % dp == 0,
+                       f"config.train.global_batch={config.train.global_batch} is not divisible by the "
+                       f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
 
 
 def total_steps(config, num_pairs: int) -> tuple[int, int]:
@@ -102,10 +113,7 @@ def run(config, workdir: str) -> dict:
     validate(config)
     workdir = pathlib.Path(workdir)
     mesh = parallel.make_mesh(config.mesh)
-    dp = parallel.data_size(mesh)
-    config_lib.require(config.train.global_batch % dp == 0,
-                       f"config.train.global_batch={config.train.global_batch} is not divisible by the "
-                       f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+    check_batch(config, mesh)
 
     source = datasets.source(config.data, config.data.train_split, workdir, with_captions=True)
     num_pairs = len(source) * config.data.num_captions

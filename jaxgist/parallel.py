@@ -59,12 +59,20 @@ def parse_mesh(spec: Sequence[Sequence[Any]], num_devices: int) -> tuple[tuple[s
 
 
 def make_mesh(spec: Sequence[Sequence[Any]] = (("data", -1),), devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all devices of all processes) with Auto axis types."""
+    """A mesh over ``devices`` (default: all devices of all processes) with Auto axis types.
+
+    TPU devices (live or a topology's abstract chips) are laid out along the physical torus, as
+    ``jax.make_mesh`` does; others in their given order."""
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = parse_mesh(spec, len(devices))
     types = (jax.sharding.AxisType.Auto,) * len(names)
     if devices == list(jax.devices()):
         return jax.make_mesh(sizes, names, axis_types=types)
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, names, axis_types=types)
     return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=types)
 
 

@@ -29,6 +29,7 @@ from jaxgist.models.clip_weights import (  # noqa: F401
     from_hf_state_dict,
     load,
     openai_to_hf,
+    read_config,
     save_hf,
     to_hf_state_dict,
 )
@@ -44,11 +45,12 @@ def _numerics(model_config):
 
 
 def config_from_model_config(model_config) -> CLIPConfig:
-    """The CLIPConfig a job's ``config.model`` describes. With ``init`` set, the checkpoint is read
-    (its config decides the architecture); otherwise ``preset`` (a name or a dict of fields)."""
+    """The CLIPConfig a job's ``config.model`` describes. With ``init`` set, the checkpoint's config
+    decides the architecture (``read_config``: no weights are loaded where a config file or the
+    published sizes tell it); otherwise ``preset`` (a name or a dict of fields)."""
     dtype, compute, remat = _numerics(model_config)
     if model_config.get("init"):
-        return from_config(model_config).config
+        return read_config(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
     preset = model_config.get("preset")
     if preset is None:
         raise ValueError("model config needs 'init' (pretrained weights) or 'preset' (random init)")

@@ -361,15 +361,7 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=No
     overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     path = pathlib.Path(name_or_path)
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{path}: not an HF CLIP directory (no config.json)")
-        try:
-            hf = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: malformed JSON ({e})") from e
-        if hf.get("model_type") not in (None, "clip"):
-            raise ValueError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'clip'")
+        hf = _read_hf_config(path / "config.json")
         return from_hf_state_dict(config_from_hf(hf, **overrides), _read_hf_dir(path), source=str(path))
     if path.is_file():
         sd = read_state_dict(path)
@@ -392,6 +384,56 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=No
             ) from e
         return load(directory, dtype=dtype, compute_dtype=compute_dtype, remat=remat)
     raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a hub name")
+
+
+def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
+                remat: bool = False) -> CLIPConfig:
+    """The architecture ``load(name_or_path)`` would build, without reading the weights where the
+    config alone tells it: a local HF directory's config.json, an OpenAI model name or its HF hub
+    copy (the published sizes in ``PRESETS``), another hub name's config.json (downloaded alone).
+    A state-dict file is read (an OpenAI/GIST one has no config: the tensors' shapes tell it)."""
+    from jaxgist.models.clip_model import PRESETS
+
+    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
+    path = pathlib.Path(name_or_path)
+    if path.is_dir():
+        return config_from_hf(_read_hf_config(path / "config.json"), **overrides)
+    if path.is_file():
+        sd = read_state_dict(path)
+        if is_openai_state_dict(sd):
+            return config_from_openai(sd, **overrides)
+        if (path.parent / "config.json").exists():
+            return config_from_hf(_read_hf_config(path.parent / "config.json"), **overrides)
+        raise CheckpointMismatchError(
+            f"{path}: neither an OpenAI CLIP state dict (no visual.conv1.weight) nor an HF one with a config.json beside it"
+        )
+    by_hub = {hub: name for name, hub in OPENAI_HUB_NAMES.items()}
+    preset = str(name_or_path) if str(name_or_path) in PRESETS else by_hub.get(str(name_or_path))
+    if preset is not None:
+        return PRESETS[preset].replace(**overrides)
+    name = str(name_or_path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = pathlib.Path(hf_hub_download(name, "config.json"))
+        except Exception as e:
+            raise FileNotFoundError(f"{name}: not a local file or directory, and downloading its config.json from "
+                                    f"the HF hub failed: {e}") from e
+        return config_from_hf(_read_hf_config(config_file), **overrides)
+    raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a hub name")
+
+
+def _read_hf_config(config_file: pathlib.Path) -> dict[str, Any]:
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file.parent}: not an HF CLIP directory (no config.json)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: malformed JSON ({e})") from e
+    if hf.get("model_type") not in (None, "clip"):
+        raise ValueError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'clip'")
+    return hf
 
 
 def save_hf(model: CLIP, directory: str | os.PathLike) -> pathlib.Path:

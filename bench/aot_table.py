@@ -1,0 +1,176 @@
+"""Pod readiness table: per-chip memory, fits or not, and FLOPs per step of GIST's fine-tuning step,
+compiled ahead of time for TPU topologies (``python -m jaxgist.aot``; needs ``pip install -e ".[tpu]"``).
+
+    python bench/aot_table.py                        # the full table -> docs/pod_readiness.md
+    python bench/aot_table.py --models ViT-B/16 --batches 256 --topologies v5e:2x2 --no-max-batch
+
+Rows: every model x global batch x strategy x topology. Strategies: ``dp`` replicates parameters and
+optimizer state on every chip (mesh ``(("data", -1), ("fsdp", 1))``); ``fsdp`` shards them over all
+chips (mesh ``(("data", 1), ("fsdp", -1))``). Both split the batch over every chip. Then, for
+``--max-batch-model`` on ``--max-batch-topology``, the largest global batch that fits with each
+strategy (per-chip batch doubled until it fails, then bisected).
+
+Each compile runs ``python -m jaxgist.aot`` in its own process (the CLI users run; memory is given
+back between compiles) and is cached as JSON in ``--cache`` so an interrupted run picks up where it
+stopped. Compiles are single-threaded; ``--jobs 2`` runs two at once (compile times then include the
+contention). The configuration is GIST's recipe from ``configs/finetune.py``: fp32 parameters and
+compute, Adam, no rematerialization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GiB = 1024**3
+
+STRATEGIES = {
+    "dp": '(("data", -1), ("fsdp", 1))',
+    "fsdp": '(("data", 1), ("fsdp", -1))',
+}
+TOPOLOGY_LABELS = {"v5e:4x4": "v5e-16", "v5e:16x16": "v5e-256", "v4:4x4x4": "v4 4x4x4 (64 chips)", "v5e:2x2": "v5e-4"}
+
+
+def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pathlib.Path, extra: list[str]) -> dict:
+    args = ["--config", str(ROOT / "configs" / "finetune.py"), "--topology", topology,
+            f"--config.model.init={model}", f"--config.train.global_batch={batch}",
+            f"--config.mesh={STRATEGIES[strategy]}", *extra]
+    key = hashlib.sha1(json.dumps(args[2:]).encode()).hexdigest()[:16]
+    out = cache / f"{key}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jaxgist.aot", *args, "--json", str(out) + ".tmp"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 2 or not os.path.exists(str(out) + ".tmp"):
+        raise RuntimeError(f"jaxgist.aot {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads(pathlib.Path(str(out) + ".tmp").read_text())
+    report.update(strategy=strategy, wall_seconds=round(time.perf_counter() - t, 1))
+    out.write_text(json.dumps(report, indent=1))
+    os.remove(str(out) + ".tmp")
+    return report
+
+
+def gib(b) -> str:
+    return "?" if b is None else f"{b / GiB:.2f}"
+
+
+def row(r: dict) -> str:
+    flops = r["flops_total"]
+    est = "" if r["flops_per_device"] else "~"
+    return (f"| {r['model']} | {r['global_batch']} | {r['strategy']} | {TOPOLOGY_LABELS.get(r['topology'], r['topology'])} "
+            f"| {r['per_device_batch']} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['total_bytes'])} "
+            f"/ {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} "
+            f"| {est}{flops / 1e12:.1f} | {r['compile_seconds']:.0f} |")
+
+
+HEADER = ("| model | global batch | strategy | topology | per chip | arguments GiB | temporaries GiB | total / usable "
+          "GiB | fits | TFLOPs per step (all chips) | compile s |\n|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
+
+
+def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra, log) -> tuple[int, list[dict]]:
+    """Largest global batch (a multiple of the chip count) that fits."""
+    tried = []
+
+    def fits(per_chip: int) -> bool:
+        r = compile_one(model, per_chip * chips, strategy, topology, cache, extra)
+        tried.append(r)
+        log(f"  max batch {model} {strategy} {topology}: {per_chip}/chip -> "
+            f"{'fits' if r['fits'] else 'does not fit'} ({gib(r['total_bytes'])} GiB)")
+        return r["fits"]
+
+    if not fits(1):
+        return 0, tried
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * chips, tried
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="ViT-B/16,ViT-L/14,ViT-L/14@336px")
+    p.add_argument("--batches", default="256,4096")
+    p.add_argument("--strategies", default="dp,fsdp")
+    p.add_argument("--topologies", default="v5e:4x4,v5e:16x16,v4:4x4x4")
+    p.add_argument("--max-batch-model", default="ViT-L/14@336px")
+    p.add_argument("--max-batch-topology", default="v5e:16x16")
+    p.add_argument("--max-batch-chips", type=int, default=256)
+    p.add_argument("--no-max-batch", action="store_true")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--cache", default=str(ROOT / "bench" / ".aot_cache"))
+    p.add_argument("--output", default=str(ROOT / "docs" / "pod_readiness.md"))
+    p.add_argument("--extra", default="", help="more jaxgist.aot flags, space separated (e.g. --config.model.remat=True)")
+    a = p.parse_args()
+    cache = pathlib.Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    extra = a.extra.split()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    jobs = [(m, int(b), s, t) for t in a.topologies.split(",") for m in a.models.split(",")
+            for b in a.batches.split(",") for s in a.strategies.split(",")]
+    t0 = time.perf_counter()
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        futures = {pool.submit(compile_one, *j, cache, extra): j for j in jobs}
+        for f in concurrent.futures.as_completed(futures):
+            r = f.result()
+            results[futures[f]] = r
+            log(f"[{len(results)}/{len(jobs)}] {row(r)}")
+    lines = [HEADER] + [row(results[j]) for j in jobs]
+
+    max_lines = []
+    if not a.no_max_batch:
+        with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+            futs = {s: pool.submit(max_batch, a.max_batch_model, s, a.max_batch_topology, a.max_batch_chips, cache,
+                                   extra, log) for s in a.strategies.split(",")}
+            for s, f in futs.items():
+                best, tried = f.result()
+                fit = [r for r in tried if r["global_batch"] == best]
+                over = min((r["global_batch"] for r in tried if not r["fits"]), default=None)
+                detail = f"{gib(fit[0]['total_bytes'])} of {gib(fit[0]['hbm_bytes'])} GiB" if fit else "-"
+                max_lines.append(f"| {a.max_batch_model} | {s} | {TOPOLOGY_LABELS.get(a.max_batch_topology, a.max_batch_topology)} "
+                                 f"| {best} ({best // a.max_batch_chips} per chip) | {detail} | {over} |")
+    elapsed = time.perf_counter() - t0
+    print("\n".join(lines))
+    if max_lines:
+        print("\n".join(["| model | strategy | topology | largest global batch that fits | per-chip memory there "
+                         "| smallest tried that does not fit |", "|---|---|---|---|---|---:|"] + max_lines))
+    print(f"{len(jobs)} rows in {elapsed:.0f} s (cached rows are free)")
+    write_doc(pathlib.Path(a.output), lines, max_lines, a)
+
+
+def write_doc(path: pathlib.Path, lines, max_lines, a) -> None:
+    """Replaces the generated part of the doc (between the markers), keeping the prose around it."""
+    begin, end = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+    cmd = "python bench/aot_table.py" + (f" --extra '{a.extra}'" if a.extra else "")
+    body = [begin, f"Generated by `{cmd}`.", "", *lines]
+    if max_lines:
+        body += ["", "| model | strategy | topology | largest global batch that fits | per-chip memory there "
+                 "| smallest tried that does not fit |", "|---|---|---|---|---|---:|", *max_lines]
+    body.append(end)
+    text = path.read_text() if path.exists() else f"# Pod readiness\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + "\n".join(body) + tail)
+
+
+if __name__ == "__main__":
+    main()
