@@ -8,7 +8,8 @@ Rows: every model x global batch x strategy x topology. Strategies: ``dp`` repli
 optimizer state on every chip (mesh ``(("data", -1), ("fsdp", 1))``); ``fsdp`` shards them over all
 chips (mesh ``(("data", 1), ("fsdp", -1))``). Both split the batch over every chip. Then, for
 ``--max-batch-model`` on ``--max-batch-topology``, the largest global batch that fits with each
-strategy (per-chip batch doubled until it fails, then bisected).
+strategy, to ``--max-batch-resolution`` per chip (starting from the table's rows, per-chip batch
+doubled until it fails, then bisected).
 
 Each compile runs ``python -m jaxgist.aot`` in its own process (the CLI users run; memory is given
 back between compiles) and is cached as JSON in ``--cache`` so an interrupted run picks up where it
@@ -76,9 +77,12 @@ HEADER = ("| model | global batch | strategy | topology | per chip | arguments G
           "GiB | fits | TFLOPs per step (all chips) | compile s |\n|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
 
 
-def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra, log) -> tuple[int, list[dict]]:
-    """Largest global batch (a multiple of the chip count) that fits."""
-    tried = []
+def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra, log, known: list[dict],
+              resolution: int) -> tuple[int, list[dict]]:
+    """Largest global batch (a multiple of the chip count) that fits, to ``resolution`` per chip: the
+    table's own rows for this model, strategy and topology bracket it first, then per-chip batches
+    are doubled until one does not fit and the bracket is bisected."""
+    tried = [r for r in known if r["model"] == model and r["strategy"] == strategy and r["topology"] == topology]
 
     def fits(per_chip: int) -> bool:
         r = compile_one(model, per_chip * chips, strategy, topology, cache, extra)
@@ -87,12 +91,17 @@ def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra
             f"{'fits' if r['fits'] else 'does not fit'} ({gib(r['total_bytes'])} GiB)")
         return r["fits"]
 
-    if not fits(1):
-        return 0, tried
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
+    lo = max((r["per_device_batch"] for r in tried if r["fits"]), default=0)
+    hi = min((r["per_device_batch"] for r in tried if not r["fits"]), default=None)
+    if lo == 0:
+        if not fits(1):
+            return 0, tried
+        lo = 1
+    if hi is None:
+        hi = lo * 2
+        while fits(hi):
+            lo, hi = hi, hi * 2
+    while hi - lo > resolution:
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
@@ -110,6 +119,7 @@ def main():
     p.add_argument("--max-batch-model", default="ViT-L/14@336px")
     p.add_argument("--max-batch-topology", default="v5e:16x16")
     p.add_argument("--max-batch-chips", type=int, default=256)
+    p.add_argument("--max-batch-resolution", type=int, default=2, help="per-chip batch resolution of the search")
     p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--cache", default=str(ROOT / "bench" / ".aot_cache"))
@@ -137,7 +147,8 @@ def main():
     if not a.no_max_batch:
         with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
             futs = {s: pool.submit(max_batch, a.max_batch_model, s, a.max_batch_topology, a.max_batch_chips, cache,
-                                   extra, log) for s in a.strategies.split(",")}
+                                   extra, log, list(results.values()), a.max_batch_resolution)
+                    for s in a.strategies.split(",")}
             for s, f in futs.items():
                 best, tried = f.result()
                 fit = [r for r in tried if r["global_batch"] == best]

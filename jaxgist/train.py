@@ -42,16 +42,19 @@ class TrainState:
 
 
 def make_step_fn(graphdef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                 accumulate_steps: int = 1) -> Callable:
+                 accumulate_steps: int = 1, activations: NamedSharding | None = None) -> Callable:
     """The pure train step ``(state, batch) -> (state, metrics)`` for a CLIP ``graphdef``.
 
     Loss: CLIP's symmetric cross-entropy over the whole (global) batch.
     Metrics: loss, grad_norm, lr, logit_scale (exp, after clamping) and in-batch retrieval top-1.
+    ``activations``: the batch sharding every transformer block's input keeps
+    (``clip_model.activation_sharding``).
     """
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        logits_per_image, _ = model(batch["image"], batch["ids"])
+        with clip_model.activation_sharding(activations):
+            logits_per_image, _ = model(batch["image"], batch["ids"])
         loss = losses.clip_loss(logits_per_image)
         return loss, (logits_per_image, model.scale())
 
@@ -134,8 +137,11 @@ def build(config, mesh: Mesh, total_steps: int, *, model_cfg: clip.CLIPConfig | 
         opt_state=_with_shardings(abstract_opt, opt_shardings),
     )
     batch_sharding = parallel.batch_sharding(mesh)
+    # with FSDP, keep activations split by batch (replicated weights need no constraint)
+    sharded_params = any(any(a is not None for a in s.spec) for s in jax.tree_util.tree_leaves(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
     step = jax.jit(
-        make_step_fn(graphdef, tx, lr_schedule, accumulate),
+        make_step_fn(graphdef, tx, lr_schedule, accumulate, activations=batch_sharding if sharded_params else None),
         in_shardings=(shardings, {"image": batch_sharding, "ids": batch_sharding}),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),

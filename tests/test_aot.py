@@ -109,8 +109,9 @@ def test_fsdp_needs_less_memory_per_chip_than_replication(v5e_2x2):
     # parameters and both Adam moments are sharded four ways
     assert fsdp.argument_bytes < 0.35 * dp.argument_bytes
     assert fsdp.total_bytes < 0.6 * dp.total_bytes, (dp.summary(), fsdp.summary())
-    # the same work either way
-    assert fsdp.flops_total == pytest.approx(dp.flops_total, rel=0.05)
+    # the same model work either way; data parallelism repeats the Adam update on every chip, FSDP
+    # updates each shard once (a visible share of this small-batch step)
+    assert 0.8 * dp.flops_total <= fsdp.flops_total <= 1.01 * dp.flops_total
 
 
 def test_batch_that_does_not_divide_over_the_data_axes_fails_before_compiling(monkeypatch):

@@ -9,6 +9,8 @@ Numerics: parameters are stored in ``param_dtype`` (float32 by default) and matm
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -18,6 +20,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 LOGIT_SCALE_MAX = math.log(100.0)
+
+# The sharding of activations (batch axis over the mesh's data axes) inside a sharded train step.
+_ACTIVATIONS = contextvars.ContextVar("jaxgist_clip_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding):
+    """While tracing inside this context, each transformer block's input is constrained to
+    ``sharding`` (a NamedSharding of the batch axis over the data axes). With FSDP-sharded weights
+    this pins the layout to "split the batch, gather the weights": left alone, XLA's partitioner may
+    instead split activations along their width to match the weights, and hold far larger
+    temporaries."""
+    token = _ACTIVATIONS.set(sharding)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain_activations(x):
+    sharding = _ACTIVATIONS.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
@@ -235,7 +259,7 @@ class Encoder(nnx.Module):
             run = nnx.remat(run)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = run(layer, x, pool_index if i == last else None)
+            x = run(layer, constrain_activations(x), pool_index if i == last else None)
         return x
 
 

@@ -171,3 +171,39 @@ def test_hub_name_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="openai/clip-vit-base-patch32"):
         clip.load("ViT-B/32")
+
+
+def test_read_config_gives_the_architecture_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # OpenAI names and their hub copies: the published sizes, no download
+    for name, hub in clip.OPENAI_HUB_NAMES.items():
+        assert clip.read_config(name) == clip.PRESETS[name]
+        assert clip.read_config(hub, dtype=jnp.float32, compute_dtype=jnp.bfloat16) == clip.PRESETS[name].replace(
+            dtype=jnp.bfloat16)
+    # an HF directory: config.json alone decides (no weights in it yet)
+    model = clip.create(TINY, seed=0)
+    saved = clip.save_hf(model, tmp_path / "hf")
+    cfg = clip.read_config(saved)
+    assert cfg == model.config
+    (saved / "model.safetensors").unlink()
+    assert clip.read_config(saved) == model.config
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        clip.load(saved)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: malformed JSON"):
+        clip.read_config(saved)
+    with pytest.raises(FileNotFoundError, match="not a hub name"):
+        clip.read_config("./no/such/dir")
+
+
+def test_job_config_with_init_reads_no_weights(tmp_path, monkeypatch):
+    import ml_collections
+
+    from jaxgist.models import clip_weights
+
+    monkeypatch.setattr(clip_weights, "from_hf_state_dict", lambda *a, **k: pytest.fail("read the weights"))
+    c = ml_collections.ConfigDict(dict(init="ViT-L/14@336px", preset=None, dtype="float32",
+                                       compute_dtype="bfloat16", remat=True))
+    cfg = clip.config_from_model_config(c)
+    assert cfg.vision.image_size == 336 and cfg.vision.layers == 24 and cfg.remat
+    assert cfg.dtype == jnp.bfloat16 and cfg.param_dtype == jnp.float32
