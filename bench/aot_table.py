@@ -40,7 +40,12 @@ STRATEGIES = {
 TOPOLOGY_LABELS = {"v5e:4x4": "v5e-16", "v5e:16x16": "v5e-256", "v4:4x4x4": "v4 4x4x4 (64 chips)", "v5e:2x2": "v5e-4"}
 
 
-def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pathlib.Path, extra: list[str]) -> dict:
+class NotCompiled(Exception):
+    """--cached-only and this row is not in the cache."""
+
+
+def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pathlib.Path, extra: list[str],
+                cached_only: bool = False) -> dict:
     args = ["--config", str(ROOT / "configs" / "finetune.py"), "--topology", topology,
             f"--config.model.init={model}", f"--config.train.global_batch={batch}",
             f"--config.mesh={STRATEGIES[strategy]}", *extra]
@@ -48,6 +53,8 @@ def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pat
     out = cache / f"{key}.json"
     if out.exists():
         return json.loads(out.read_text())
+    if cached_only:
+        raise NotCompiled(f"{model} {batch} {strategy} {topology}")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "jaxgist.aot", *args, "--json", str(out) + ".tmp"],
                           cwd=ROOT, capture_output=True, text=True)
@@ -73,19 +80,24 @@ def row(r: dict) -> str:
             f"| {est}{flops / 1e12:.1f} | {r['compile_seconds']:.0f} |")
 
 
+def not_compiled_row(model, batch, strategy, topology) -> str:
+    return (f"| {model} | {batch} | {strategy} | {TOPOLOGY_LABELS.get(topology, topology)} | - | - | - | - "
+            f"| not compiled yet | - | - |")
+
+
 HEADER = ("| model | global batch | strategy | topology | per chip | arguments GiB | temporaries GiB | total / usable "
           "GiB | fits | TFLOPs per step (all chips) | compile s |\n|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
 
 
 def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra, log, known: list[dict],
-              resolution: int) -> tuple[int, list[dict]]:
+              resolution: int, cached_only: bool = False) -> tuple[int, list[dict], bool]:
     """Largest global batch (a multiple of the chip count) that fits, to ``resolution`` per chip: the
     table's own rows for this model, strategy and topology bracket it first, then per-chip batches
     are doubled until one does not fit and the bracket is bisected."""
     tried = [r for r in known if r["model"] == model and r["strategy"] == strategy and r["topology"] == topology]
 
     def fits(per_chip: int) -> bool:
-        r = compile_one(model, per_chip * chips, strategy, topology, cache, extra)
+        r = compile_one(model, per_chip * chips, strategy, topology, cache, extra, cached_only)
         tried.append(r)
         log(f"  max batch {model} {strategy} {topology}: {per_chip}/chip -> "
             f"{'fits' if r['fits'] else 'does not fit'} ({gib(r['total_bytes'])} GiB)")
@@ -93,21 +105,24 @@ def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra
 
     lo = max((r["per_device_batch"] for r in tried if r["fits"]), default=0)
     hi = min((r["per_device_batch"] for r in tried if not r["fits"]), default=None)
-    if lo == 0:
-        if not fits(1):
-            return 0, tried
-        lo = 1
-    if hi is None:
-        hi = lo * 2
-        while fits(hi):
-            lo, hi = hi, hi * 2
-    while hi - lo > resolution:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo * chips, tried
+    try:
+        if lo == 0:
+            if not fits(1):
+                return 0, tried, True
+            lo = 1
+        if hi is None:
+            hi = lo * 2
+            while fits(hi):
+                lo, hi = hi, hi * 2
+        while hi - lo > resolution:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    except NotCompiled:  # --cached-only: the search is not finished
+        return lo * chips, tried, False
+    return lo * chips, tried, True
 
 
 def main():
@@ -119,8 +134,10 @@ def main():
     p.add_argument("--max-batch-model", default="ViT-L/14@336px")
     p.add_argument("--max-batch-topology", default="v5e:16x16")
     p.add_argument("--max-batch-chips", type=int, default=256)
-    p.add_argument("--max-batch-resolution", type=int, default=2, help="per-chip batch resolution of the search")
+    p.add_argument("--max-batch-resolution", type=int, default=1, help="per-chip batch resolution of the search")
     p.add_argument("--no-max-batch", action="store_true")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compile nothing: render the rows already in the cache (others: 'not compiled yet')")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--cache", default=str(ROOT / "bench" / ".aot_cache"))
     p.add_argument("--output", default=str(ROOT / "docs" / "pod_readiness.md"))
@@ -135,27 +152,36 @@ def main():
             for b in a.batches.split(",") for s in a.strategies.split(",")]
     t0 = time.perf_counter()
     results = {}
+    missing = []
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        futures = {pool.submit(compile_one, *j, cache, extra): j for j in jobs}
+        futures = {pool.submit(compile_one, *j, cache, extra, a.cached_only): j for j in jobs}
         for f in concurrent.futures.as_completed(futures):
-            r = f.result()
+            try:
+                r = f.result()
+            except NotCompiled:
+                missing.append(futures[f])
+                continue
             results[futures[f]] = r
             log(f"[{len(results)}/{len(jobs)}] {row(r)}")
-    lines = [HEADER] + [row(results[j]) for j in jobs]
+    lines = [HEADER] + [row(results[j]) if j in results else not_compiled_row(*j) for j in jobs]
 
     max_lines = []
     if not a.no_max_batch:
         with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
             futs = {s: pool.submit(max_batch, a.max_batch_model, s, a.max_batch_topology, a.max_batch_chips, cache,
-                                   extra, log, list(results.values()), a.max_batch_resolution)
+                                   extra, log, list(results.values()), a.max_batch_resolution, a.cached_only)
                     for s in a.strategies.split(",")}
             for s, f in futs.items():
-                best, tried = f.result()
+                best, tried, done = f.result()
                 fit = [r for r in tried if r["global_batch"] == best]
-                over = min((r["global_batch"] for r in tried if not r["fits"]), default=None)
+                over = min((r["global_batch"] for r in tried if not r["fits"] and r["global_batch"] > best),
+                           default=None)
                 detail = f"{gib(fit[0]['total_bytes'])} of {gib(fit[0]['hbm_bytes'])} GiB" if fit else "-"
+                found = f"{best} ({best // a.max_batch_chips} per chip)"
+                if not done:
+                    found = f"search not finished: {found} fits so far"
                 max_lines.append(f"| {a.max_batch_model} | {s} | {TOPOLOGY_LABELS.get(a.max_batch_topology, a.max_batch_topology)} "
-                                 f"| {best} ({best // a.max_batch_chips} per chip) | {detail} | {over} |")
+                                 f"| {found} | {detail} | {over} |")
     elapsed = time.perf_counter() - t0
     print("\n".join(lines))
     if max_lines:
