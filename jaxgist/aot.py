@@ -105,7 +105,7 @@ class Report:
                          f"code {g(self.code_bytes)}")
         else:
             lines.append(f"per-chip memory: arguments {g(self.argument_bytes)}, temporaries "
-                         f"{g(self.temp_bytes)} (the compiler's figure when it gave up)")
+                         f"{g(self.temp_bytes)} (the compiler's figures when it gave up)")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         if self.hbm_bytes and self.total_bytes is not None:
             lines.append(f"  total {g(self.total_bytes)} of {g(self.hbm_bytes)} usable HBM "
@@ -201,12 +201,17 @@ def _parse_size(text: str) -> float | None:
     return float(m.group(1)) * 1024 ** "BKMGTP".index(m.group(2) or "B")
 
 
-def _oom_sizes(message: str) -> tuple[float | None, float | None]:
-    """(required, available) bytes from the TPU compiler's out-of-memory message, e.g. "... HLO
-    temporaries (18.49G) exceeds available HBM (15.75G)"."""
+def _oom_sizes(message: str) -> tuple[float | None, float | None, bool]:
+    """(required, available, required is the total) bytes from the TPU compiler's out-of-memory
+    message. Two forms: "... required for HLO temporaries (18.49G) exceeds available HBM (15.75G)"
+    (temporaries alone) and "... Used 16.25G of 15.75G hbm. Exceeded hbm capacity by 515.03M." (all
+    of the program's memory)."""
+    used = re.search(r"Used ([\d.]+[KMGTP]?) of ([\d.]+[KMGTP]?) hbm", message)
+    if used:
+        return _parse_size(used.group(1)), _parse_size(used.group(2)), True
     sizes = [_parse_size(s) for s in re.findall(r"\(([\d.]+[KMGTP]?i?B?)\)", message)]
     sizes = [s for s in sizes if s is not None]
-    return (sizes[0], sizes[1]) if len(sizes) >= 2 else (None, None)
+    return (sizes[0], sizes[1], False) if len(sizes) >= 2 else (None, None, False)
 
 
 def compile_train_step(config, devices: Sequence[Any], *, topology: str = "", hbm_bytes: float | None = None) -> Report:
@@ -253,10 +258,11 @@ def compile_train_step(config, devices: Sequence[Any], *, topology: str = "", hb
         per_device_batch=global_batch // parallel.data_size(mesh), hbm_bytes=hbm, argument_bytes=argument_bytes,
         lower_seconds=round(t1 - t0, 2), compile_seconds=round(t2 - t1, 2))
     if compiled is None:
-        required, available = _oom_sizes(message)
-        return Report(**{**common, "hbm_bytes": available or hbm}, compiled_argument_bytes=None, output_bytes=None, alias_bytes=None,
-                      temp_bytes=int(required) if required else None,
-                      code_bytes=None, total_bytes=int(required + argument_bytes) if required else None, fits=False,
+        required, available, is_total = _oom_sizes(message)
+        total = None if required is None else int(required if is_total else required + argument_bytes)
+        temps = None if required is None or is_total else int(required)
+        return Report(**{**common, "hbm_bytes": available or hbm}, compiled_argument_bytes=None, output_bytes=None,
+                      alias_bytes=None, temp_bytes=temps, code_bytes=None, total_bytes=total, fits=False,
                       flops_per_device=None, flops_total=_unpartitioned_flops(config, model_cfg),
                       compiler_message=message)
     mem = compiled.memory_analysis()

@@ -139,9 +139,14 @@ def test_too_small_hbm_is_reported_as_not_fitting(v5e_2x2):
 def test_compiler_out_of_memory_message_is_parsed():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(18.49G) exceeds available HBM (15.75G).")
-    required, available = aot._oom_sizes(msg)
+    required, available, is_total = aot._oom_sizes(msg)
     assert required == pytest.approx(18.49 * 2**30) and available == pytest.approx(15.75 * 2**30)
-    assert aot._oom_sizes("RESOURCE_EXHAUSTED: something else") == (None, None)
+    assert not is_total  # temporaries alone
+    msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+           "memory space hbm. Used 16.25G of 15.75G hbm. Exceeded hbm capacity by 515.03M.")
+    required, available, is_total = aot._oom_sizes(msg)
+    assert required == pytest.approx(16.25 * 2**30) and available == pytest.approx(15.75 * 2**30) and is_total
+    assert aot._oom_sizes("RESOURCE_EXHAUSTED: something else") == (None, None, False)
 
 
 def _cli(*args, timeout=600):
