@@ -21,7 +21,6 @@ Topologies are libtpu's names: ``v5e:2x2``, ``v5e:4x4``, ``v5e:16x16`` (v5litepo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -50,10 +49,6 @@ _SIZE = re.compile(r"([\d.]+)([KMGTP]?)(?:i?B)?\b")
 
 class TopologyError(ValueError):
     """An unknown or malformed TPU topology, or libtpu missing."""
-
-
-class DoesNotFit(RuntimeError):
-    """The step needs more memory per chip than the chip has."""
 
 
 @dataclasses.dataclass
@@ -142,10 +137,9 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), tuple(int(x) for x in m.group(2).split("x"))
 
 
-def _quiet_libtpu(name: str) -> None:
+def _quiet_libtpu(generation: str, dims: tuple[int, ...]) -> None:
     """libtpu looks for a TPU VM's metadata when it loads; tell it what it would find so that it does
     not warn (only where the variables are unset: on a real TPU VM they are right already)."""
-    generation, dims = parse_topology(name)
     chips = math.prod(dims)
     kind = {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}.get(generation, f"{generation}-{2 * chips}")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", kind)
@@ -158,22 +152,22 @@ def _quiet_libtpu(name: str) -> None:
 def topology_devices(name: str, *, chip_config: str | None = None, chips_per_host: Sequence[int] = (2, 2, 1),
                      num_slices: int = 1) -> list:
     """The abstract devices of a TPU topology (compile-only: nothing runs on them)."""
-    generation, _ = parse_topology(name)
+    generation, dims = parse_topology(name)
+    chip_config = chip_config or DEFAULT_CHIP_CONFIG.get(generation, "default")
     try:
         import libtpu  # noqa: F401
     except ImportError:
         raise TopologyError('compiling for TPU topologies needs libtpu: pip install -e ".[tpu]" '
                             '(or pip install "jax[tpu]")') from None
-    _quiet_libtpu(name)
+    _quiet_libtpu(generation, dims)
     from jax.experimental import topologies
 
     try:
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, chip_config_name=chip_config or DEFAULT_CHIP_CONFIG.get(generation, "default"),
+            platform="tpu", topology_name=name, chip_config_name=chip_config,
             chips_per_host_bounds=tuple(chips_per_host), num_slices=num_slices)
     except Exception as e:  # libtpu's errors are plain RuntimeErrors / XlaRuntimeErrors
-        raise TopologyError(f"libtpu does not know topology {name!r} (chip config "
-                            f"{chip_config or DEFAULT_CHIP_CONFIG.get(generation, 'default')!r}): {e}") from None
+        raise TopologyError(f"libtpu does not know topology {name!r} (chip config {chip_config!r}): {e}") from None
     return list(desc.devices)
 
 
@@ -280,18 +274,11 @@ def _unpartitioned_flops(config, model_cfg) -> float | None:
     the figure for a step the TPU compiler refused (within ~1% of the partitioned count for CLIP)."""
     import jax
 
-    from jaxgist import parallel, train
+    from jaxgist import metrics, parallel, train
 
     mesh = parallel.make_mesh((("data", 1),), jax.devices("cpu")[:1])
     setup = train.build(config, mesh, config.train.steps or 1000, model_cfg=model_cfg)
-    try:
-        cost = setup.step.lower(setup.abstract_state, setup.abstract_batch(config.train.global_batch)).cost_analysis()
-    except Exception:
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = cost.get("flops") if cost else None
-    return float(flops) if flops and flops > 0 else None
+    return metrics.compiled_flops(setup.step.lower(setup.abstract_state, setup.abstract_batch(config.train.global_batch)))
 
 
 def _model_name(model_config) -> str:

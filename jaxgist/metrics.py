@@ -39,7 +39,8 @@ def peak_flops(device=None) -> float | None:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled (AOT) function, per device, as XLA counts them."""
+    """FLOPs of one call of a compiled (AOT) function, per device, as XLA counts them; also takes a
+    lowered function (then: the whole unpartitioned program)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it

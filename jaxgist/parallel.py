@@ -148,11 +148,16 @@ def _key(k) -> Any:
     return k
 
 
-def describe(shardings) -> str:
-    """How many parameters (and elements) are sharded, for the start-up log."""
+def sharded_count(shardings) -> tuple[int, int]:
+    """(arrays split over some mesh axis, all arrays) of a tree of NamedShardings."""
     leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    sharded = sum(1 for s in leaves if any(p is not None for p in s.spec))
-    return f"{sharded}/{len(leaves)} parameter arrays sharded"
+    return sum(1 for s in leaves if any(p is not None for p in s.spec)), len(leaves)
+
+
+def describe(shardings) -> str:
+    """How many parameter arrays are sharded, for the start-up log."""
+    sharded, total = sharded_count(shardings)
+    return f"{sharded}/{total} parameter arrays sharded"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,8 +138,7 @@ def build(config, mesh: Mesh, total_steps: int, *, model_cfg: clip.CLIPConfig | 
     )
     batch_sharding = parallel.batch_sharding(mesh)
     # with FSDP, keep activations split by batch (replicated weights need no constraint)
-    sharded_params = any(any(a is not None for a in s.spec) for s in jax.tree_util.tree_leaves(
-        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
+    sharded_params = parallel.sharded_count(param_shardings)[0] > 0
     step = jax.jit(
         make_step_fn(graphdef, tx, lr_schedule, accumulate, activations=batch_sharding if sharded_params else None),
         in_shardings=(shardings, {"image": batch_sharding, "ids": batch_sharding}),

@@ -365,15 +365,8 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=No
         return from_hf_state_dict(config_from_hf(hf, **overrides), _read_hf_dir(path), source=str(path))
     if path.is_file():
         sd = read_state_dict(path)
-        if is_openai_state_dict(sd):
-            return from_hf_state_dict(config_from_openai(sd, **overrides), openai_to_hf(sd), source=str(path))
-        config_file = path.parent / "config.json"
-        if config_file.exists():
-            return from_hf_state_dict(config_from_hf(json.loads(config_file.read_text()), **overrides), sd,
-                                      source=str(path))
-        raise CheckpointMismatchError(
-            f"{path}: neither an OpenAI CLIP state dict (no visual.conv1.weight) nor an HF one with a config.json beside it"
-        )
+        cfg, openai = _state_dict_file_config(path, sd, overrides)
+        return from_hf_state_dict(cfg, openai_to_hf(sd) if openai else sd, source=str(path))
     name = OPENAI_HUB_NAMES.get(str(name_or_path), str(name_or_path))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not str(name_or_path).startswith((".", "/")):
         try:
@@ -399,14 +392,7 @@ def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_d
     if path.is_dir():
         return config_from_hf(_read_hf_config(path / "config.json"), **overrides)
     if path.is_file():
-        sd = read_state_dict(path)
-        if is_openai_state_dict(sd):
-            return config_from_openai(sd, **overrides)
-        if (path.parent / "config.json").exists():
-            return config_from_hf(_read_hf_config(path.parent / "config.json"), **overrides)
-        raise CheckpointMismatchError(
-            f"{path}: neither an OpenAI CLIP state dict (no visual.conv1.weight) nor an HF one with a config.json beside it"
-        )
+        return _state_dict_file_config(path, read_state_dict(path), overrides)[0]
     by_hub = {hub: name for name, hub in OPENAI_HUB_NAMES.items()}
     preset = str(name_or_path) if str(name_or_path) in PRESETS else by_hub.get(str(name_or_path))
     if preset is not None:
@@ -422,6 +408,18 @@ def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_d
                                     f"the HF hub failed: {e}") from e
         return config_from_hf(_read_hf_config(config_file), **overrides)
     raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a hub name")
+
+
+def _state_dict_file_config(path: pathlib.Path, sd: Mapping[str, Any], overrides) -> tuple[CLIPConfig, bool]:
+    """(architecture, OpenAI layout?) of the state dict ``sd`` read from the file ``path``: an OpenAI
+    one's from its shapes, an HF one's from the config.json beside it."""
+    if is_openai_state_dict(sd):
+        return config_from_openai(sd, **overrides), True
+    if (path.parent / "config.json").exists():
+        return config_from_hf(_read_hf_config(path.parent / "config.json"), **overrides), False
+    raise CheckpointMismatchError(
+        f"{path}: neither an OpenAI CLIP state dict (no visual.conv1.weight) nor an HF one with a config.json beside it"
+    )
 
 
 def _read_hf_config(config_file: pathlib.Path) -> dict[str, Any]:
