@@ -14,7 +14,9 @@ doubled until it fails, then bisected).
 Each compile runs ``python -m jaxgist.aot`` in its own process (the CLI users run; memory is given
 back between compiles) and is cached as JSON in ``--cache`` so an interrupted run picks up where it
 stopped. Compiles are single-threaded; ``--jobs 2`` runs two at once (compile times then include the
-contention). The configuration is GIST's recipe from ``configs/finetune.py``: fp32 parameters and
+contention). ``--fill-missing`` compiles only the rows the doc marks "not compiled yet" (or lacks) and
+keeps the doc's compiled rows and finished max-batch results as written, so the table can be completed
+across machines whose cache is gone. The configuration is GIST's recipe from ``configs/finetune.py``: fp32 parameters and
 compute, Adam, no rematerialization.
 """
 
@@ -85,6 +87,27 @@ def not_compiled_row(model, batch, strategy, topology) -> str:
             f"| not compiled yet | - | - |")
 
 
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+
+
+def doc_rows(path: pathlib.Path) -> tuple[dict, dict]:
+    """The compiled rows of the doc's generated table, by (model, batch, strategy, topology label), and
+    its finished max-batch rows, by (model, strategy, topology label); lines as written."""
+    if not path.exists() or BEGIN not in path.read_text():
+        return {}, {}
+    body = path.read_text().split(BEGIN, 1)[1].split(END, 1)[0]
+    table, maxes = {}, {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] == "model" or cells[0].startswith("---"):
+            continue
+        if len(cells) == 11 and cells[8] != "not compiled yet":
+            table[(cells[0], cells[1], cells[2], cells[3])] = line
+        elif len(cells) == 6 and not cells[3].startswith("search not finished"):
+            maxes[(cells[0], cells[1], cells[2])] = line
+    return table, maxes
+
+
 HEADER = ("| model | global batch | strategy | topology | per chip | arguments GiB | temporaries GiB | total / usable "
           "GiB | fits | TFLOPs per step (all chips) | compile s |\n|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
 
@@ -138,6 +161,8 @@ def main():
     p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--cached-only", action="store_true",
                    help="compile nothing: render the rows already in the cache (others: 'not compiled yet')")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="compile only the rows the doc does not have figures for; keep its other rows as written")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--cache", default=str(ROOT / "bench" / ".aot_cache"))
     p.add_argument("--output", default=str(ROOT / "docs" / "pod_readiness.md"))
@@ -150,11 +175,16 @@ def main():
 
     jobs = [(m, int(b), s, t) for t in a.topologies.split(",") for m in a.models.split(",")
             for b in a.batches.split(",") for s in a.strategies.split(",")]
+    label = lambda j: (j[0], str(j[1]), j[2], TOPOLOGY_LABELS.get(j[3], j[3]))  # noqa: E731
+    kept, kept_max = doc_rows(pathlib.Path(a.output)) if a.fill_missing else ({}, {})
+    todo = [j for j in jobs if label(j) not in kept]
+    if a.fill_missing:
+        log(f"--fill-missing: {len(jobs) - len(todo)} rows kept from {a.output}, {len(todo)} to compile")
     t0 = time.perf_counter()
     results = {}
     missing = []
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        futures = {pool.submit(compile_one, *j, cache, extra, a.cached_only): j for j in jobs}
+        futures = {pool.submit(compile_one, *j, cache, extra, a.cached_only): j for j in todo}
         for f in concurrent.futures.as_completed(futures):
             try:
                 r = f.result()
@@ -162,15 +192,19 @@ def main():
                 missing.append(futures[f])
                 continue
             results[futures[f]] = r
-            log(f"[{len(results)}/{len(jobs)}] {row(r)}")
-    lines = [HEADER] + [row(results[j]) if j in results else not_compiled_row(*j) for j in jobs]
+            log(f"[{len(results)}/{len(todo)}] {row(r)}")
+    lines = [HEADER] + [row(results[j]) if j in results else kept.get(label(j)) or not_compiled_row(*j)
+                        for j in jobs]
 
     max_lines = []
     if not a.no_max_batch:
         with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+            topo_label = TOPOLOGY_LABELS.get(a.max_batch_topology, a.max_batch_topology)
             futs = {s: pool.submit(max_batch, a.max_batch_model, s, a.max_batch_topology, a.max_batch_chips, cache,
                                    extra, log, list(results.values()), a.max_batch_resolution, a.cached_only)
-                    for s in a.strategies.split(",")}
+                    for s in a.strategies.split(",") if (a.max_batch_model, s, topo_label) not in kept_max}
+            by_strategy = {s: kept_max[(a.max_batch_model, s, topo_label)] for s in a.strategies.split(",")
+                           if s not in futs}
             for s, f in futs.items():
                 best, tried, done = f.result()
                 fit = [r for r in tried if r["global_batch"] == best]
@@ -180,20 +214,21 @@ def main():
                 found = f"{best} ({best // a.max_batch_chips} per chip)"
                 if not done:
                     found = f"search not finished: {found} fits so far"
-                max_lines.append(f"| {a.max_batch_model} | {s} | {TOPOLOGY_LABELS.get(a.max_batch_topology, a.max_batch_topology)} "
-                                 f"| {found} | {detail} | {over} |")
+                by_strategy[s] = (f"| {a.max_batch_model} | {s} | {topo_label} "
+                                  f"| {found} | {detail} | {over} |")
+            max_lines = [by_strategy[s] for s in a.strategies.split(",")]
     elapsed = time.perf_counter() - t0
     print("\n".join(lines))
     if max_lines:
         print("\n".join(["| model | strategy | topology | largest global batch that fits | per-chip memory there "
                          "| smallest tried that does not fit |", "|---|---|---|---|---|---:|"] + max_lines))
-    print(f"{len(jobs)} rows in {elapsed:.0f} s (cached rows are free)")
+    print(f"{len(todo)} rows in {elapsed:.0f} s (cached rows are free; {len(jobs) - len(todo)} kept from the doc)")
     write_doc(pathlib.Path(a.output), lines, max_lines, a)
 
 
 def write_doc(path: pathlib.Path, lines, max_lines, a) -> None:
     """Replaces the generated part of the doc (between the markers), keeping the prose around it."""
-    begin, end = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+    begin, end = BEGIN, END
     cmd = "python bench/aot_table.py" + (f" --extra '{a.extra}'" if a.extra else "")
     body = [begin, f"Generated by `{cmd}`.", "", *lines]
     if max_lines:
