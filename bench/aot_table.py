@@ -46,6 +46,10 @@ class NotCompiled(Exception):
     """--cached-only and this row is not in the cache."""
 
 
+class CompileFailed(RuntimeError):
+    """jaxgist.aot ended without a report (a bad config, or the host ran out of memory compiling)."""
+
+
 def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pathlib.Path, extra: list[str],
                 cached_only: bool = False) -> dict:
     args = ["--config", str(ROOT / "configs" / "finetune.py"), "--topology", topology,
@@ -61,7 +65,10 @@ def compile_one(model: str, batch: int, strategy: str, topology: str, cache: pat
     proc = subprocess.run([sys.executable, "-m", "jaxgist.aot", *args, "--json", str(out) + ".tmp"],
                           cwd=ROOT, capture_output=True, text=True)
     if proc.returncode == 2 or not os.path.exists(str(out) + ".tmp"):
-        raise RuntimeError(f"jaxgist.aot {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        why = (f"killed by signal {-proc.returncode} (SIGKILL: likely the host's out-of-memory killer; "
+               f"compile this row alone or on a machine with more memory)" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
+        raise CompileFailed(f"jaxgist.aot {' '.join(args)} failed, {why}:\n{proc.stderr[-3000:]}")
     report = json.loads(pathlib.Path(str(out) + ".tmp").read_text())
     report.update(strategy=strategy, wall_seconds=round(time.perf_counter() - t, 1))
     out.write_text(json.dumps(report, indent=1))
@@ -145,6 +152,9 @@ def max_batch(model: str, strategy: str, topology: str, chips: int, cache, extra
                 hi = mid
     except NotCompiled:  # --cached-only: the search is not finished
         return lo * chips, tried, False
+    except CompileFailed as e:
+        log(f"FAILED max batch {model} {strategy} {topology}: {e}")
+        return lo * chips, tried, False
     return lo * chips, tried, True
 
 
@@ -182,7 +192,7 @@ def main():
         log(f"--fill-missing: {len(jobs) - len(todo)} rows kept from {a.output}, {len(todo)} to compile")
     t0 = time.perf_counter()
     results = {}
-    missing = []
+    missing, failed = [], []
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
         futures = {pool.submit(compile_one, *j, cache, extra, a.cached_only): j for j in todo}
         for f in concurrent.futures.as_completed(futures):
@@ -190,6 +200,10 @@ def main():
                 r = f.result()
             except NotCompiled:
                 missing.append(futures[f])
+                continue
+            except CompileFailed as e:  # the row stays "not compiled yet"; the others go on
+                failed.append(futures[f])
+                log(f"FAILED {' '.join(map(str, futures[f]))}: {e}")
                 continue
             results[futures[f]] = r
             log(f"[{len(results)}/{len(todo)}] {row(r)}")
@@ -224,6 +238,9 @@ def main():
                          "| smallest tried that does not fit |", "|---|---|---|---|---|---:|"] + max_lines))
     print(f"{len(todo)} rows in {elapsed:.0f} s (cached rows are free; {len(jobs) - len(todo)} kept from the doc)")
     write_doc(pathlib.Path(a.output), lines, max_lines, a)
+    if failed:
+        sys.exit(f"{len(failed)} rows failed to compile (left 'not compiled yet'): "
+                 + "; ".join(" ".join(map(str, j)) for j in failed))
 
 
 def write_doc(path: pathlib.Path, lines, max_lines, a) -> None:
