@@ -42,6 +42,11 @@ STRATEGIES = {
 TOPOLOGY_LABELS = {"v5e:4x4": "v5e-16", "v5e:16x16": "v5e-256", "v4:4x4x4": "v4 4x4x4 (64 chips)", "v5e:2x2": "v5e-4"}
 
 
+def topology_label(topology: str) -> str:
+    """How the doc names a topology ("v5e:16x16" -> "v5e-256")."""
+    return TOPOLOGY_LABELS.get(topology, topology)
+
+
 class NotCompiled(Exception):
     """--cached-only and this row is not in the cache."""
 
@@ -83,14 +88,14 @@ def gib(b) -> str:
 def row(r: dict) -> str:
     flops = r["flops_total"]
     est = "" if r["flops_per_device"] else "~"
-    return (f"| {r['model']} | {r['global_batch']} | {r['strategy']} | {TOPOLOGY_LABELS.get(r['topology'], r['topology'])} "
+    return (f"| {r['model']} | {r['global_batch']} | {r['strategy']} | {topology_label(r['topology'])} "
             f"| {r['per_device_batch']} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['total_bytes'])} "
             f"/ {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} "
             f"| {est}{flops / 1e12:.1f} | {r['compile_seconds']:.0f} |")
 
 
 def not_compiled_row(model, batch, strategy, topology) -> str:
-    return (f"| {model} | {batch} | {strategy} | {TOPOLOGY_LABELS.get(topology, topology)} | - | - | - | - "
+    return (f"| {model} | {batch} | {strategy} | {topology_label(topology)} | - | - | - | - "
             f"| not compiled yet | - | - |")
 
 
@@ -188,7 +193,7 @@ def main():
 
     jobs = [(m, int(b), s, t) for t in a.topologies.split(",") for m in a.models.split(",")
             for b in a.batches.split(",") for s in a.strategies.split(",")]
-    label = lambda j: (j[0], str(j[1]), j[2], TOPOLOGY_LABELS.get(j[3], j[3]))  # noqa: E731
+    label = lambda j: (j[0], str(j[1]), j[2], topology_label(j[3]))  # noqa: E731
     kept, kept_max = doc_rows(pathlib.Path(a.output)) if a.fill_missing else ({}, {})
     todo = [j for j in jobs if label(j) not in kept]
     if a.fill_missing:
@@ -216,7 +221,7 @@ def main():
     max_lines = []
     if not a.no_max_batch:
         with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-            topo_label = TOPOLOGY_LABELS.get(a.max_batch_topology, a.max_batch_topology)
+            topo_label = topology_label(a.max_batch_topology)
             futs = {s: pool.submit(max_batch, a.max_batch_model, s, a.max_batch_topology, a.max_batch_chips, cache,
                                    extra, log, list(results.values()), a.max_batch_resolution, a.cached_only)
                     for s in a.strategies.split(",") if (a.max_batch_model, s, topo_label) not in kept_max}
