@@ -150,7 +150,8 @@ def main():
     import jax
     import torch
 
-    from jaxgist import evaluation, tip_adapter
+    from jaxgist.evaluation import accuracy as evaluation
+    from jaxgist.heads import tip_adapter
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

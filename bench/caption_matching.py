@@ -1,4 +1,4 @@
-"""Caption matching throughput: ``jaxgist.caption_matching`` against GIST's per-image loop in PyTorch.
+"""Caption matching throughput: ``jaxgist.methods.caption_matching`` against GIST's per-image loop in PyTorch.
 
 GIST's ``caption_matching.py`` (github.com/emu1729/GIST) encodes the descriptions of every class
 once before its loop (per class, plus once more all together for a score it no longer uses), then
@@ -15,7 +15,7 @@ runs ``caption_matching.match_indices`` on a ``jaxgist.models.clip.load`` of the
 (identical weights), over the same generated dataset: ``synthetic.write_dataset`` JPEGs and, per
 class, a number of distinct synthetic descriptions drawn from ``--descriptions`` (GIST's CUB file
 has 6 per class, its Fitzpatrick40 file 50 to 110, mean 78.5). Both sides tokenize with
-``jaxgist.tokenizer`` (OpenAI's ids, as open_clip gives GIST).
+``jaxgist.models.clip.tokenizer`` (OpenAI's ids, as open_clip gives GIST).
 
     python bench/caption_matching.py [--model tiny] [--num_classes 20] [--images_per_class 40]
                                      [--descriptions 6,80] [--k 5] [--batch_size 64]
@@ -177,7 +177,8 @@ def main():
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from jaxgist import caption_matching, tokenizer
+    from jaxgist.methods import caption_matching
+    from jaxgist.models.clip import tokenizer
     from jaxgist.data import synthetic
     from jaxgist.data.sources import GistSource
     from jaxgist.models import clip

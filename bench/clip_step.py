@@ -61,7 +61,7 @@ def main():
     import transformers
     from flax import nnx
 
-    from jaxgist import tokenizer
+    from jaxgist.models.clip import tokenizer
     from jaxgist.models import clip
 
     cfg = clip.PRESETS[args.preset]

@@ -18,7 +18,7 @@ what a flat colour costs), a metadata CSV and a captions JSON. Both sides read i
 that the benchmark does not start a JAX backend before torch forks its workers).
 
 The torch side makes each example with the same functions (``images.load_image``,
-``transforms.train_preprocess``, the tokenizer from ``jaxgist.tokenizer.load()``), visits the
+``transforms.train_preprocess``, the tokenizer from ``jaxgist.models.clip.tokenizer.load()``), visits the
 records in grain's shuffled order and gives each one the per-record random stream grain's
 ``random_map`` gives it (Philox keyed by the seed, counter set to the record's position). So both
 sides do the same work, and the first batch of every configuration is checked against examples
@@ -305,7 +305,7 @@ def main():
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1])
 
-    from jaxgist import tokenizer
+    from jaxgist.models.clip import tokenizer
     from jaxgist.data import pipeline
     from jaxgist.data.sources import GistSource
 

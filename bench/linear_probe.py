@@ -25,7 +25,7 @@ Wall time covers the whole fit (JAX: host-to-device copy, fit and the copy back)
 JAX's ``first`` is round 1, compilation included (what one fit costs in a fresh process); ``warm`` is
 the fastest later round, with the compiled functions cached. PyTorch compiles nothing: its time is
 its fastest round. Speedups are torch time / our time. Test accuracy is reported with the bootstrap
-of ``jaxgist.evaluation`` (1,000 resamples, mean and std).
+of ``jaxgist.evaluation.accuracy`` (1,000 resamples, mean and std).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def main():
     import jax
     import torch
 
-    from jaxgist import evaluation, probes
+    from jaxgist.evaluation import accuracy as evaluation
+    from jaxgist.heads import probes
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -5,7 +5,7 @@ checkpoint at the end) against the bare jitted step on a batch already on the de
     python bench/train_throughput.py --models ViT-B/16,ViT-L/14 --compute_dtype bfloat16 --batch 64 --steps 30
 
 For each model it writes a generated fine-grained dataset (JPEGs at 1.25x the model's resolution,
-so every image is decoded, cropped and resized), runs ``jaxgist.finetune.run`` for ``--steps`` steps
+so every image is decoded, cropped and resized), runs ``jaxgist.methods.finetune.run`` for ``--steps`` steps
 (the loop's step time is the mean of its logged windows after the first, so neither compilation,
 pipeline warm-up nor the final checkpoint is counted; the whole run's images/s is printed too) and then, in the same process, times ``--steps`` calls of the
 same compiled step on one in-memory batch. The ratio loop/bare shows what the input pipeline and
@@ -27,7 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from jaxgist import finetune, metrics, parallel, train  # noqa: E402
+from jaxgist.methods import finetune
+from jaxgist.training import metrics
+from jaxgist.training import parallel
+from jaxgist.training import train_state as train  # noqa: E402
 from jaxgist.models import clip  # noqa: E402
 
 TINY = dict(vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128),

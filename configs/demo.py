@@ -11,7 +11,7 @@ embeddings are compared on the test split (top-1/top-3 with bootstrap std), toge
 Tip-Adapter(-F), CODER (zero-shot, re-ranked, few-shot) and k-NN / nearest-centroid heads.
 """
 
-from jaxgist import gist
+from jaxgist.methods import gist
 
 
 def get_config(arg: str = ""):

@@ -15,7 +15,7 @@ Any key can be overridden on the command line, e.g. ``--config.train.epochs=5``,
 ``--config.mesh='(("data", 4), ("fsdp", 2))'``, ``--config.optim.freeze='^text_'``.
 """
 
-from jaxgist import finetune
+from jaxgist.methods import finetune
 
 
 def get_config(arg: str = ""):

@@ -13,10 +13,10 @@ a JSON ``{filename: [caption, ...]}`` (the first caption is used; convert the de
 Differences from FLIP's notebook, on purpose:
 - FLIP pairs every CUB image (``glob(images/**/*.jpg)``), test images included. Here only the
   ``train`` split is read: ``data.train_split`` is "train" and ``data.eval_split`` is not "test",
-  checked by ``jaxgist.flip.check_finetune_splits`` when this file builds the config.
-  ``jaxgist.flip.finetune(config, workdir)`` (or ``jaxgist.flip.validate_finetune``) also checks
+  checked by ``jaxgist.methods.flip.check_finetune_splits`` when this file builds the config.
+  ``jaxgist.methods.flip.finetune(config, workdir)`` (or ``jaxgist.methods.flip.validate_finetune``) also checks
   command-line overrides and the data source itself; the generic launcher runs
-  ``jaxgist.finetune.run``, which reads ``data.train_split`` as given, so do not override it.
+  ``jaxgist.methods.finetune.run``, which reads ``data.train_split`` as given, so do not override it.
 - fp32 weights (FLIP: fp16 on GPU with fp32 optimizer steps), the pairs shuffled every epoch (FLIP's
   DataLoader did not shuffle), and our training pipeline's random resized crop and flip (FLIP: CLIP's
   eval preprocessing only).
@@ -27,7 +27,8 @@ Arguments (``configs/flip.py:<arg>``):
            per image, CPU, well under a minute.
 """
 
-from jaxgist import finetune, flip
+from jaxgist.methods import finetune
+from jaxgist.methods import flip
 
 
 def get_config(arg: str = ""):

@@ -19,7 +19,7 @@ captions_top5.json.
 
 import os
 
-from jaxgist import gist
+from jaxgist.methods import gist
 
 FOLDERS = {"cub": "CUB", "flower": "flower", "aircraft": "aircraft", "fitzpatrick40": "fitzpatrick40"}
 

@@ -6,7 +6,6 @@ writes ``DIR/results.json`` and ``DIR/results.md``.
 
 from __future__ import annotations
 
-import importlib
 import logging as std_logging
 import pathlib
 
@@ -14,28 +13,21 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgist import parallel, results
-
-# config.method -> module with run(config, workdir) -> results dict
-METHODS = {
-    "zero_shot": "jaxgist.zero_shot",
-    "finetune": "jaxgist.finetune",
-    "gist": "jaxgist.gist",
-}
+from jaxgist import methods
+from jaxgist.core import results
+from jaxgist.training import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embeddings and results.")
 
 
 def run_job(config, workdir: str) -> dict:
-    method = config.get("method")
-    if method not in METHODS:
-        raise ValueError(f"config.method={method!r} is not one of {sorted(METHODS)}")
+    job = methods.get(config.get("method"))
     parallel.initialize_distributed(config)  # before anything touches the devices
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return importlib.import_module(METHODS[method]).run(config, workdir)
+    return job.run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -30,7 +30,7 @@
 #   --time, --output   wall-clock limit; log file (%j: job id), written in the submission directory
 #
 # How the processes find each other: `srun` starts SLURM_NTASKS copies of `python -m jaxgist`; in each,
-# jaxgist.parallel.initialize_distributed sees SLURM_NTASKS > 1 inside a job step and calls
+# jaxgist.training.parallel.initialize_distributed sees SLURM_NTASKS > 1 inside a job step and calls
 # jax.distributed.initialize(), which reads the coordinator (first node of SLURM_STEP_NODELIST, port
 # derived from the job id), the process count (SLURM_NTASKS) and this process's index (SLURM_PROCID)
 # from the environment. Every process feeds its share of each global batch; process 0 writes the logs.

@@ -13,7 +13,7 @@
 # What it does (from this machine, with gcloud):
 #   1. looks up the internal IP of worker 0 (gcloud compute tpus tpu-vm describe) and makes it the
 #      jax.distributed coordinator: every worker gets JAX_COORDINATOR_ADDRESS=<ip>:8476, which makes
-#      jaxgist.parallel.initialize_distributed call jax.distributed.initialize(); jax fills in the
+#      jaxgist.training.parallel.initialize_distributed call jax.distributed.initialize(); jax fills in the
 #      process count and this worker's index from the TPU VM metadata server;
 #   2. with --sync, copies this checkout (tracked and untracked files git does not ignore) to
 #      REMOTE_DIR on every worker; with --install, creates REMOTE_DIR/.venv there and installs the

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxgist import main, zero_shot
+from jaxgist import main
+from jaxgist.evaluation import zero_shot
 from jaxgist.data import synthetic
 from configs import demo
 

@@ -20,7 +20,7 @@ import pathlib
 import jax
 import ml_collections
 
-from jaxgist.config import ConfigError, require
+from jaxgist.core.config import ConfigError, require
 from jaxgist.data import synthetic
 from jaxgist.data.sources import GistSource, ImageFolderSource
 

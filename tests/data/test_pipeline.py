@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgist import tokenizer
+from jaxgist.models.clip import tokenizer
 from jaxgist.data import images, pipeline, synthetic
 
 NUM_IMAGES, NUM_CAPTIONS, SIZE = 12, 2, 32

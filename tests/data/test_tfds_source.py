@@ -24,7 +24,7 @@ from PIL import Image
 from tensorflow_datasets.datasets.oxford_flowers102 import oxford_flowers102_dataset_builder as flowers_builder
 from tensorflow_datasets.image_classification import caltech_birds, cars196
 
-from jaxgist import tokenizer
+from jaxgist.models.clip import tokenizer
 from jaxgist.data import images, pipeline
 from jaxgist.data import tfds_source
 from jaxgist.data.sources import DataError, class_key

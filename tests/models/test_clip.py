@@ -154,7 +154,7 @@ def test_text_longer_than_context_is_refused():
 
 
 def test_trimmed_padding_gives_the_same_text_embeddings():
-    from jaxgist.tokenizer import trim_padding
+    from jaxgist.models.clip.tokenizer import trim_padding
 
     model = clip.create(TINY, seed=5)
     _, ids = tiny_inputs(batch=4)
@@ -199,7 +199,7 @@ def test_read_config_gives_the_architecture_without_weights(tmp_path, monkeypatc
 def test_job_config_with_init_reads_no_weights(tmp_path, monkeypatch):
     import ml_collections
 
-    from jaxgist.models import clip_weights
+    from jaxgist.models.clip import weights as clip_weights
 
     monkeypatch.setattr(clip_weights, "from_hf_state_dict", lambda *a, **k: pytest.fail("read the weights"))
     c = ml_collections.ConfigDict(dict(init="ViT-L/14@336px", preset=None, dtype="float32",

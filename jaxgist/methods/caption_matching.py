@@ -1,0 +1,347 @@
+"""Caption matching: for each training image, the class descriptions its CLIP embedding is closest to.
+
+GIST (Mu et al. 2023, ``caption_matching.py`` of github.com/emu1729/GIST) gives every training image
+the k (= 5) LLM-written descriptions of its *own* class that CLIP scores highest for that image;
+those become the image's captions for contrastive fine-tuning. This module computes the same
+selection in batches:
+
+    matches = match_captions(model, tokenize, train_source, descriptions, k=5)
+    write_captions(workdir / "captions_top5.json", matches)
+    # or, from files:
+    match_to_file(model, tokenize, train_source, "long_captions.json", "captions_top5.json", k=5)
+
+What is scored, as in GIST's script:
+- the raw description strings (no class-name prefix, no prompt template), tokenized with the
+  model's tokenizer: context 77, longer texts truncated with the end token kept last (OpenAI and
+  open_clip convention);
+- the cosine of the L2-normalized image embedding and the L2-normalized description embeddings of
+  the image's class (by its label). GIST ranks ``softmax(100 * cosine)`` instead; softmax is
+  monotone, so the ranking is the same;
+- images only of the ``train`` split (``split=`` selects others, or all);
+- the kept descriptions are the top ``k`` by score, best first. A class with fewer than ``k``
+  descriptions gives each of its images all of them, ranked (GIST slices ``[:5]`` of the ranking,
+  so it does the same); such files then have fewer than ``k`` captions, which ``GistSource(...,
+  num_captions=k)`` rejects, so use a smaller ``num_captions`` or write more descriptions.
+
+Differences from GIST's script, none of which changes which captions are chosen (up to float
+rounding between near-equal scores):
+- every description is encoded once (GIST encodes them per class, plus once more all together for
+  an unused score), and images in jitted batches through the grain evaluation pipeline rather than
+  one at a time; the output is written once at the end rather than after every image;
+- ties are broken deterministically: equal scores keep the order the descriptions have in the
+  descriptions file (lower position first). GIST's ``np.argsort(-probs)`` (introsort) leaves the
+  order of ties unspecified;
+- scores are fp32 (or the model's compute dtype in the towers); GIST runs under CUDA autocast (fp16)
+  on a GPU.
+
+The output format is GIST's: a JSON object mapping each image's ``filename`` (as in the metadata
+CSV) to its list of captions, best first, in the order of the source's records.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from jaxgist.evaluation import embeddings
+from jaxgist.core import files
+from jaxgist.data import pipeline
+from jaxgist.data.sources import DataError, read_descriptions
+
+__all__ = ["Matches", "match_indices", "match_captions", "write_captions", "match_to_file"]
+
+# Seconds between progress lines of a long matching run.
+_LOG_EVERY_S = 15.0
+
+
+class Matches(NamedTuple):
+    """The top-k descriptions of each matched image, as arrays (row ``i`` is ``filenames[i]``).
+
+    ``slots[i, j]`` is the position, within the descriptions of class ``labels[i]``, of the image's
+    j-th best description, and ``scores[i, j]`` its cosine; rows are ``-1`` / NaN past
+    ``counts[i] = min(k, number of descriptions of the class)``.
+    """
+
+    filenames: list[str]
+    labels: np.ndarray  # int32 [N]
+    slots: np.ndarray  # int32 [N, k]
+    scores: np.ndarray  # float32 [N, k]
+    counts: np.ndarray  # int32 [N]
+
+    def captions(self, descriptions: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+        """filename -> its matched descriptions, best first (the strings ``slots`` point at)."""
+        return {name: [descriptions[label][s] for s in row[:n]]
+                for name, label, row, n in zip(self.filenames, self.labels.tolist(), self.slots.tolist(),
+                                                self.counts.tolist())}
+
+
+class _Selected:
+    """The records of ``source`` at ``positions``, re-indexed 0..n-1 (``index`` is the row of the
+    result each record fills). Plain data, so grain worker processes can pickle it."""
+
+    def __init__(self, source, positions: Sequence[int]):
+        self.source, self.positions = source, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = dict(self.source[self.positions[int(i)]])
+        record["index"] = int(i)
+        return record
+
+
+def _select(source, split: str | None) -> tuple[list[int], list[str], np.ndarray]:
+    """Positions, filenames and labels of the records to match: those whose ``split`` is ``split``
+    (records without a split field are kept; ``split=None`` keeps all)."""
+    n = len(source)
+    selected = getattr(source, "split", None)
+    if hasattr(source, "filenames") and hasattr(source, "labels") and (
+            split is None or (isinstance(selected, tuple) and set(selected) == {split})):
+        # Every record qualifies: take the metadata without reading records (a TFDS record holds
+        # its encoded image).
+        return list(range(n)), list(source.filenames), np.asarray(source.labels, np.int32)
+    positions, filenames, labels = [], [], []
+    for i in range(n):
+        r = source[i]
+        if split is None or r.get("split", split) == split:
+            positions.append(i)
+            filenames.append(r["filename"])
+            labels.append(r["label"])
+    return positions, filenames, np.asarray(labels, np.int32)
+
+
+def _check_descriptions(descriptions: Sequence[Sequence[str]], source, labels: np.ndarray) -> None:
+    names = list(getattr(source, "class_names", []) or [])
+    if names and len(descriptions) != len(names):
+        raise DataError(f"descriptions are given for {len(descriptions)} classes but the source has "
+                        f"{len(names)} (descriptions must be a list by label; read them with "
+                        f"sources.read_descriptions(path, source.class_names))")
+    if labels.size and labels.max() >= len(descriptions):
+        raise DataError(f"a record has label {int(labels.max())} but descriptions are given for only "
+                        f"{len(descriptions)} classes")
+    used = np.unique(labels).tolist()
+
+    def name(label):
+        return f"{label} ({names[label]!r})" if names else str(label)
+
+    empty = [name(c) for c in used if len(descriptions[c]) == 0]
+    if empty:
+        raise DataError(f"{len(empty)} class(es) with images to match have no descriptions: "
+                        + ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+    for c in used:
+        for j, text in enumerate(descriptions[c]):
+            if not isinstance(text, str):
+                raise DataError(f"description {j} of class {name(c)} is a {type(text).__name__}, not a string")
+
+
+def _even_batch(n: int, batch_size: int, multiple: int = 8) -> int:
+    """The batch size (at most ``batch_size``, rounded up to ``multiple``) that covers ``n`` items in
+    as many batches as ``batch_size`` would, with the least padding in the last one: 272 texts in
+    batches of 256 become 2 batches of 136 rather than 256 + 16 padded to 256."""
+    if n <= batch_size:
+        return n
+    batches = math.ceil(n / batch_size)
+    return min(batch_size, math.ceil(math.ceil(n / batches) / multiple) * multiple)
+
+
+def _class_table(model, tokenize, descriptions: Sequence[Sequence[str]], batch_size: int):
+    """Unit-norm description embeddings padded per class: ([C, M, E] float32, [C] int32 counts).
+
+    Each distinct string is encoded once."""
+    unique: dict[str, int] = {}
+    for texts in descriptions:
+        for t in texts:
+            unique.setdefault(t, len(unique))
+    t0 = time.perf_counter()
+    emb = embeddings.encode_texts(model, tokenize(list(unique)), batch_size=_even_batch(len(unique), batch_size))
+    logging.info("caption matching: encoded %d distinct descriptions in %.1f s", len(unique),
+                 time.perf_counter() - t0)
+    counts = np.array([len(texts) for texts in descriptions], np.int32)
+    table = np.zeros((len(descriptions), max(int(counts.max()), 1), emb.shape[1]), np.float32)
+    for c, texts in enumerate(descriptions):
+        if texts:
+            table[c, : len(texts)] = emb[[unique[t] for t in texts]]
+    return table, counts
+
+
+@nnx.jit(static_argnames=("k",))
+def _top_k(model, pixels, labels, table, counts, k: int):
+    """Scores each image against its class's descriptions and keeps the k best.
+
+    Returns (scores [B, k] descending, slots [B, k]); padding slots (past the class's count) have
+    score -inf and sort last. Equal scores are ordered by slot."""
+    img = model.encode_image(pixels).astype(jnp.float32)
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    cls = table[labels]  # [B, M, E]
+    scores = jnp.einsum("be,bme->bm", img, cls, precision=jax.lax.Precision.HIGHEST)
+    slot = jnp.broadcast_to(jnp.arange(table.shape[1], dtype=jnp.int32), scores.shape)
+    valid = slot < counts[labels][:, None]
+    # Sort by (-score, slot): best first, ties to the lower slot; padding (+inf) last.
+    key = jnp.where(valid, -scores, jnp.inf)
+    key, slot = jax.lax.sort((key, slot), dimension=-1, num_keys=2)
+    return -key[:, :k], slot[:, :k]
+
+
+def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
+                  descriptions: Sequence[Sequence[str]], *, k: int = 5, image_size: int | None = None,
+                  batch_size: int = 64, text_batch_size: int = 256, split: str | None = "train",
+                  workers: int = 0, skip_unreadable: bool = False) -> Matches:
+    """The top-``k`` descriptions of each image's class for every selected record, as arrays.
+
+    See ``match_captions`` for the arguments. Records left out by ``split`` or skipped as
+    unreadable have no row.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    image_size = int(image_size or model.config.vision.image_size)
+
+    positions, filenames, labels = _select(source, split)
+    if not positions:
+        raise DataError(f"{source!r}: no records of split {split!r} to match captions for")
+    _check_descriptions(descriptions, source, labels)
+
+    table, counts = _class_table(model, tokenize, descriptions, text_batch_size)
+    kk = min(int(k), table.shape[1])
+    table_d, counts_d = jnp.asarray(table), jnp.asarray(counts)
+
+    n = len(positions)
+    batch = _even_batch(n, batch_size)  # every call has this shape (the last batch is padded): one compile
+    slots = np.full((n, kk), -1, np.int32)
+    scores = np.full((n, kk), np.nan, np.float32)
+    seen = np.zeros(n, bool)
+    data = pipeline.eval_dataset(_Selected(source, positions), image_size=image_size, batch_size=batch,
+                                 skip_unreadable=skip_unreadable, workers=workers, prefetch=4,
+                                 shard_index=0, shard_count=1)
+    logging.info("caption matching: %d images of %d classes, %d descriptions (%d to %d per class), "
+                 "k=%d, %dpx, batch %d, %s", n, len(descriptions), int(counts.sum()), int(counts.min()),
+                 int(counts.max()), k, image_size, batch, embeddings.device_summary())
+
+    def collect(pending):
+        (top_scores, top_slots), index = pending
+        m = len(index)
+        scores[index] = np.asarray(top_scores)[:m]
+        slots[index] = np.asarray(top_slots)[:m]
+        seen[index] = True
+        return m
+
+    t0 = last = time.perf_counter()
+    done, pending = 0, None
+    for b in data:
+        pixels, batch_labels, index = b["image"], b["label"], np.asarray(b["index"])
+        if len(index) < batch:  # pad the short last batch (skipped images can shorten any batch)
+            pad = batch - len(index)
+            pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
+            batch_labels = np.concatenate([batch_labels, np.zeros(pad, batch_labels.dtype)])
+        # Dispatch this batch, then read the previous one back while it runs.
+        out = _top_k(model, jnp.asarray(pixels), jnp.asarray(batch_labels), table_d, counts_d, k=kk)
+        if pending is not None:
+            done += collect(pending)
+        pending = (out, index)
+        now = time.perf_counter()
+        if now - last > _LOG_EVERY_S:
+            rate = done / max(now - t0, 1e-9)
+            logging.info("caption matching: %d/%d images (%.1f images/s, ETA %.0f s)", done, n, rate,
+                         (n - done) / max(rate, 1e-9))
+            last = now
+    if pending is not None:
+        done += collect(pending)
+    elapsed = time.perf_counter() - t0
+    logging.info("caption matching: %d images in %.1f s (%.1f images/s)", done, elapsed,
+                 done / max(elapsed, 1e-9))
+
+    if not seen.all():
+        missing = [filenames[i] for i in np.flatnonzero(~seen)]
+        if not skip_unreadable:
+            raise RuntimeError(f"caption matching: {len(missing)} image(s) were not scored, e.g. {missing[:5]}")
+        logging.warning("caption matching: %d unreadable image(s) skipped, e.g. %s", len(missing), missing[:5])
+    keep = np.flatnonzero(seen)
+    labels, slots, scores = labels[keep], slots[keep], scores[keep]
+    row_counts = np.minimum(counts[labels], kk).astype(np.int32)
+    past = np.arange(kk)[None, :] >= row_counts[:, None]  # slots past a short class's descriptions
+    slots[past], scores[past] = -1, np.nan
+    return Matches(filenames=[filenames[i] for i in keep], labels=labels, slots=slots, scores=scores,
+                   counts=row_counts)
+
+
+def match_captions(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
+                   descriptions: Sequence[Sequence[str]], *, k: int = 5, image_size: int | None = None,
+                   batch_size: int = 64, text_batch_size: int = 256, split: str | None = "train",
+                   workers: int = 0, skip_unreadable: bool = False) -> dict[str, list[str]]:
+    """``filename -> [caption, ...]``: each image's ``k`` best descriptions of its own class, best first.
+
+    Args:
+      model: a ``jaxgist.models.clip`` CLIP.
+      tokenize: list of strings -> int ids ``[N, L]`` (``jaxgist.models.clip.tokenizer.load()``).
+      source: records with ``filename``, ``path``, ``label`` (and ``split``), e.g. a ``GistSource``;
+        its ``class_names`` (when present) must line up with ``descriptions``.
+      descriptions: the description strings of each class, by label
+        (``sources.read_descriptions(path, source.class_names)``).
+      k: captions per image; a class with fewer descriptions gives its images all of them.
+      image_size: the side of the CLIP input (default: the model's).
+      batch_size: images per jitted call; ``text_batch_size``: descriptions per call.
+      split: match only records whose ``split`` is this (records without one are matched);
+        None matches every record. GIST matches the ``train`` split.
+      workers: grain decoding processes (0: threads in this process).
+      skip_unreadable: leave out (and log) images that cannot be read instead of failing.
+
+    Ties between equal scores go to the description that comes first in the class's list. The
+    result is in the order of the source's records. The work runs in this process on its default
+    device (in a multi-process job every process that calls it computes the whole result).
+    """
+    matches = match_indices(model, tokenize, source, descriptions, k=k, image_size=image_size,
+                            batch_size=batch_size, text_batch_size=text_batch_size, split=split,
+                            workers=workers, skip_unreadable=skip_unreadable)
+    return matches.captions(descriptions)
+
+
+def write_captions(path: str | os.PathLike, matches: Mapping[str, Sequence[str]]) -> str:
+    """Writes ``filename -> [caption, ...]`` as GIST's captions JSON (one object, as ``json.dump``
+    writes it; ``sources.read_captions`` reads it). The file is replaced atomically."""
+    path = os.fspath(path)
+    data = {}
+    for name, captions in matches.items():
+        if not isinstance(name, str) or isinstance(captions, str) or \
+                not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must map filename strings to lists of strings; got "
+                            f"{name!r}: {captions!r:.80}")
+        data[name] = list(captions)
+    files.write_json_atomic(path, data)
+    return path
+
+
+def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
+                  descriptions_path: str | os.PathLike, out_path: str | os.PathLike, *, k: int = 5,
+                  **kwargs) -> dict[str, list[str]]:
+    """Reads the descriptions JSON (class key -> descriptions), matches, writes ``out_path``.
+
+    The descriptions are read with ``sources.read_descriptions(descriptions_path, source.class_names)``,
+    whose ``DataError`` names every key that matches no class and every class without
+    descriptions. ``kwargs`` go to ``match_captions``. Returns the matches.
+    """
+    descriptions_path = os.fspath(descriptions_path)
+    if not os.path.isfile(descriptions_path):
+        raise FileNotFoundError(f"descriptions file {descriptions_path!r} does not exist (it should be a "
+                                f"JSON object of class key -> list of descriptions, e.g. GIST's "
+                                f"long_captions.json)")
+    class_names = getattr(source, "class_names", None)
+    if not class_names:
+        raise ValueError(f"{source!r} has no class_names to look descriptions up by")
+    descriptions = read_descriptions(descriptions_path, class_names)
+    t0 = time.perf_counter()
+    matches = match_captions(model, tokenize, source, descriptions, k=k, **kwargs)
+    write_captions(out_path, matches)
+    logging.info("caption matching: wrote top-%d captions of %d images to %s (%.1f s)", k, len(matches),
+                 os.fspath(out_path), time.perf_counter() - t0)
+    return matches

@@ -1,0 +1,323 @@
+"""GIST end to end (``config.method = "gist"``): caption matching, contrastive fine-tuning, embeddings,
+probes and zero-shot, each stage reading what the previous one wrote in the workdir.
+
+Stages (``config.gist.stages``, in this order; any subset can be run, e.g. only
+``("embed", "evaluate")`` to re-evaluate a finished run):
+
+- ``pretrain`` (the offline demo only): trains ``model.preset`` from scratch on the captions of a
+  synthetic dataset of other classes (``config.pretrain``), exported to ``pretrain/hf``, which then
+  stands in for pretrained weights (``model.init``) in every later stage.
+- ``match``: every training image's top ``gist.match_k`` descriptions of its own class
+  (``data.descriptions``) under the matching CLIP (``gist.match_model``; GIST uses ViT-B/32), written
+  to ``match/captions_top{k}.json``.
+- ``finetune``: contrastive fine-tuning (``jaxgist.methods.finetune``) on image / matched-caption pairs, in
+  ``finetune/`` (resumable).
+- ``embed``: image embeddings of ``gist.splits`` under the pretrained model and under the fine-tuned
+  checkpoint (``gist.eval_step``, default the latest), in ``embeddings/{pretrained,finetuned}.npz``.
+- ``evaluate``: zero-shot (class-name prompts) and linear probes (``gist.probes``: ``sgd`` as GIST
+  trains it, ``ridge``, ``lbfgs``) with hyperparameters chosen on validation, test top-1/top-3 with
+  bootstrap mean and std; ``results.json`` and a comparison table in ``results.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxgist.methods import caption_matching
+from jaxgist.training import checkpoint
+from jaxgist.core import config as config_lib
+from jaxgist.evaluation import embeddings
+from jaxgist.evaluation import accuracy as evaluation
+from jaxgist.methods import finetune
+from jaxgist.heads import registry as heads_lib
+from jaxgist.heads import probes
+from jaxgist.core import results
+from jaxgist.models.clip import tokenizer
+from jaxgist.evaluation import zero_shot
+from jaxgist.data import datasets, sources
+from jaxgist.models import clip
+
+STAGES = ("pretrain", "match", "finetune", "embed", "evaluate")
+PROBES = ("sgd", "ridge", "lbfgs")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = finetune.default_config()
+    c.method = "gist"
+    c.gist = ml_collections.ConfigDict(dict(
+        stages=("match", "finetune", "embed", "evaluate"),
+        match_model="ViT-B/32", match_k=5, batch_size=64, splits=("train", "val", "test"),
+        probes=("sgd",), sgd=dict(lr=0.5, epochs=1000, batch_size=64), normalize_features=False,
+        zero_shot_templates=("a photo of a {}.",), bootstrap=1000, eval_step=-1, seed=0,
+        augment_views=0, heads=(), coder_knowledge="",
+    ))
+    c.pretrain = ml_collections.ConfigDict(dict(
+        synthetic=dict(first_class=20, num_classes=20, train_per_class=20, image_size=80, seed=1, num_captions=5),
+        steps=300, global_batch=64, lr=1e-3, warmup_steps=30, weight_decay=0.1, num_captions=5,
+    ))
+    return c
+
+
+def validate(config) -> None:
+    config_lib.check_keys(config, default_config(), free=("model.preset", "mesh", "sharding.rules"))
+    g = config.gist
+    req = config_lib.require
+    unknown = [s for s in g.stages if s not in STAGES]
+    req(not unknown, f"config.gist.stages has unknown stage(s) {unknown}; stages are {STAGES}")
+    req(list(g.stages) == [s for s in STAGES if s in g.stages],
+        f"config.gist.stages={tuple(g.stages)} must keep the order {STAGES}")
+    bad_heads = [h for h in g.heads if h not in heads_lib.HEADS]
+    req(not bad_heads, f"config.gist.heads has unknown head(s) {bad_heads}; heads are {heads_lib.HEADS}")
+    req(g.augment_views >= 0, f"config.gist.augment_views={g.augment_views} must be >= 0")
+    bad = [p for p in g.probes if p not in PROBES]
+    req(not bad, f"config.gist.probes has unknown probe(s) {bad}; probes are {PROBES}")
+    req(g.match_k >= 1, f"config.gist.match_k={g.match_k} must be >= 1")
+    req(g.match_k >= config.data.num_captions,
+        f"config.data.num_captions={config.data.num_captions} exceeds config.gist.match_k={g.match_k}: "
+        f"fine-tuning pairs each image with its first num_captions matched captions")
+    req(g.batch_size >= 1 and g.bootstrap >= 0, "config.gist.batch_size must be >= 1 and bootstrap >= 0")
+    req(set(g.splits) >= {"train", "val", "test"} or "evaluate" not in g.stages,
+        f"config.gist.splits={tuple(g.splits)} must include train, val and test for the evaluate stage")
+    if "match" in g.stages and config.data.source not in ("gist", "synthetic"):
+        raise config_lib.ConfigError(f"caption matching reads GIST-format descriptions; config.data.source="
+                                     f"{config.data.source!r} is not 'gist' or 'synthetic'")
+    if "match" in g.stages and config.data.source == "gist":
+        req(bool(config.data.descriptions), "config.data.descriptions must be set for the match stage")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+def _model_config(config, init: str) -> ml_collections.ConfigDict:
+    m = copy.deepcopy(config.model)
+    m.init = init
+    return m
+
+
+def pretrain(config, workdir: pathlib.Path) -> dict:
+    """Trains config.model.preset from scratch on a synthetic dataset of other classes; exports it."""
+    p = config.pretrain
+    c = finetune.default_config()
+    c.model = copy.deepcopy(config.model)
+    c.model.init = ""
+    c.data = copy.deepcopy(config.data)
+    c.data.source = "synthetic"
+    c.data.synthetic.update(dict(p.synthetic.to_dict(), dir=str(workdir / "pretrain_data"),
+                                 val_per_class=2, test_per_class=0, shots=()))
+    c.data.num_captions = p.num_captions
+    c.train.update(dict(global_batch=p.global_batch, steps=p.steps, epochs=0, save_every=max(p.steps // 3, 1),
+                        eval_every=0, log_every=max(p.steps // 10, 1), export_hf=True))
+    c.optim.update(dict(name="adamw", lr=p.lr, weight_decay=p.weight_decay, schedule="cosine",
+                        warmup_steps=p.warmup_steps, grad_clip_norm=1.0))
+    c.mesh, c.sharding, c.distributed, c.seed = config.mesh, config.sharding, config.distributed, config.seed
+    logging.info("gist/pretrain: %d steps on %d synthetic classes", p.steps, p.synthetic.num_classes)
+    out = finetune.run(c, str(workdir / "pretrain"))["finetune"]
+    return {k: v for k, v in out.items() if k in ("steps", "final_loss", "images_per_s", "seconds")}
+
+
+def pretrained_init(config, workdir: pathlib.Path) -> str:
+    """The weights every stage starts from: the demo's pretrained export, else config.model.init."""
+    exported = workdir / "pretrain" / "hf"
+    if "pretrain" in config.gist.stages or (not config.model.init and exported.is_dir()):
+        return str(exported)
+    if not config.model.init:
+        raise config_lib.ConfigError("config.model.init (pretrained weights) must be set, or run the 'pretrain' stage")
+    return config.model.init
+
+
+def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
+    g = config.gist
+    paths = datasets.paths(config.data, workdir)
+    source = sources.GistSource(paths["metadata"], paths["image_dir"], split="train",
+                                check_files=config.data.check_files)
+    model = clip.from_config(_model_config(config, g.match_model or init), seed=config.seed)
+    tokenize = tokenizer.load(config.model.tokenizer or None)
+    out = workdir / "match" / f"captions_top{g.match_k}.json"
+    t0 = time.perf_counter()
+    matches = caption_matching.match_to_file(model, tokenize, source, paths["descriptions"], out, k=g.match_k,
+                                             batch_size=g.batch_size, workers=config.data.workers,
+                                             skip_unreadable=config.data.skip_unreadable)
+    seconds = time.perf_counter() - t0
+    return {"images": len(matches), "k": g.match_k, "seconds": round(seconds, 2),
+            "images_per_s": round(len(matches) / max(seconds, 1e-9), 1)}, str(out)
+
+
+def finetune_stage(config, workdir: pathlib.Path, init: str, captions: str) -> dict:
+    c = finetune.default_config()
+    for key in ("seed", "mesh", "sharding", "distributed", "optim", "train"):
+        c[key] = copy.deepcopy(config[key])
+    c.model = _model_config(config, init)
+    c.data = copy.deepcopy(config.data)
+    if captions:
+        if c.data.source == "synthetic":
+            paths = datasets.paths(config.data, workdir)
+            c.data.source = "gist"
+            c.data.update(dict(metadata=paths["metadata"], image_dir=paths["image_dir"],
+                               descriptions=paths["descriptions"]))
+        c.data.captions = captions
+    return finetune.run(c, str(workdir / "finetune"))["finetune"]
+
+
+def embed(config, workdir: pathlib.Path, init: str) -> dict:
+    g = config.gist
+    out_dir = workdir / "embeddings"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {"pretrained": lambda: clip.from_config(_model_config(config, init), seed=config.seed)}
+    ft = workdir / "finetune" / "checkpoints"
+    if ft.is_dir():
+        step = None if g.eval_step < 0 else g.eval_step
+        models["finetuned"] = lambda: checkpoint.load_model(ft, _model_config(config, init), step)[0]
+    else:
+        logging.warning("gist/embed: no fine-tuned checkpoints in %s; embedding the pretrained model only", ft)
+    summary = {}
+    for name, make in models.items():
+        model = make()
+        splits = {}
+        for split in g.splits:
+            source = datasets.source(config.data, split, workdir, with_captions=False)
+            splits[split] = embeddings.encode_source(model, source, batch_size=g.batch_size,
+                                                     workers=config.data.workers,
+                                                     skip_unreadable=config.data.skip_unreadable,
+                                                     normalize=g.normalize_features)
+        if g.augment_views:
+            train = datasets.source(config.data, "train", workdir, with_captions=False)
+            views = [embeddings.encode_source(model, train, batch_size=g.batch_size, workers=config.data.workers,
+                                              skip_unreadable=config.data.skip_unreadable,
+                                              normalize=g.normalize_features, augment_seed=g.seed * 1000 + v)
+                     for v in range(g.augment_views)]
+            splits["trainviews"] = {"x": np.stack([v["x"] for v in views]), "y": views[0]["y"],
+                                    "index": views[0]["index"]}
+        embeddings.save(out_dir / f"{name}.npz", splits, source.class_names)
+        tokenize = tokenizer.load(config.model.tokenizer or None)
+        text = {"templates": zero_shot.class_embeddings(model, tokenize, source.class_names,
+                                                        tuple(g.zero_shot_templates))}
+        if any(h.startswith("coder") for h in g.heads):
+            text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, source.class_names), tokenize))
+        np.savez(out_dir / f"{name}_text.npz", **text)
+        summary[name] = {split: int(len(d["y"])) for split, d in splits.items()}
+        logging.info("gist/embed: %s embeddings of %s", name, summary[name])
+    return summary
+
+
+def evaluate(config, workdir: pathlib.Path) -> dict:
+    g = config.gist
+    out: dict = {}
+    for name in ("pretrained", "finetuned"):
+        path = workdir / "embeddings" / f"{name}.npz"
+        if not path.exists():
+            continue
+        splits, class_names = embeddings.load(path)
+        tr, va, te = splits["train"], splits["val"], splits["test"]
+        for kind in g.probes:
+            t0 = time.perf_counter()
+            if kind == "sgd":
+                probe = probes.sgd_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names), lr=g.sgd.lr,
+                                         epochs=g.sgd.epochs, batch_size=g.sgd.batch_size, seed=g.seed)
+            elif kind == "ridge":
+                probe = probes.ridge_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
+            else:
+                probe = probes.lbfgs_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
+            metrics = evaluation.accuracy_summary(probe.predict_logits(te["x"]), te["y"], resamples=g.bootstrap,
+                                                  seed=g.seed)
+            metrics.update({k: v for k, v in probe.summary().items() if k != "method"})
+            metrics["seconds"] = round(time.perf_counter() - t0, 2)
+            out[f"linear_probe_{kind}/{name}"] = metrics
+        with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
+            cached = dict(f)
+        out[f"zero_shot/{name}"] = _zero_shot(cached["templates"], te, g)
+        if g.heads:
+            knowledge = None
+            if any(h.startswith("coder") for h in g.heads):
+                knowledge = heads_lib.load_knowledge_embeddings(_knowledge(config, workdir, class_names), cached)
+            found = heads_lib.run(tuple(g.heads), splits, cached["templates"], knowledge, bootstrap=g.bootstrap,
+                                  seed=g.seed)
+            out.update({f"{head}/{name}": m for head, m in found.items()})
+    if not out:
+        raise FileNotFoundError(f"no embeddings in {workdir / 'embeddings'}: run the 'embed' stage first")
+    return out
+
+
+def _knowledge(config, workdir, class_names):
+    """CODER knowledge: ``gist.coder_knowledge`` if set; for synthetic data, from its drawn attributes;
+    else generated from the class names."""
+    attributes = ""
+    if config.data.source == "synthetic":
+        attributes = str(pathlib.Path(datasets.paths(config.data, workdir)["metadata"]).parent / "attributes.json")
+    return heads_lib.knowledge_for(class_names, path=config.gist.coder_knowledge, attributes=attributes)
+
+
+def _zero_shot(text_weights, test, g) -> dict:
+    """Zero-shot top-k of the test embeddings against the class text embeddings the embed stage cached."""
+    x = test["x"] / np.linalg.norm(test["x"], axis=-1, keepdims=True)
+    return evaluation.accuracy_summary(100.0 * x @ text_weights.T, test["y"], resamples=g.bootstrap, seed=g.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+def comparison_table(res: dict) -> str:
+    """Markdown: one row per head and model (test top-1 and top-3 with bootstrap std, val top-1)."""
+    lines = ["| head | model | test top-1 (%) | test top-3 (%) | val top-1 (%) |", "|---|---|---|---|---|"]
+    for key, m in res.items():
+        if "/" not in key or not isinstance(m, dict) or "test_top1" not in m:
+            continue
+        head, model = key.split("/")
+
+        def pct(k):
+            if k not in m:
+                return "-"
+            std = m.get(f"{k}_bootstrap_std")
+            return f"{100 * m[k]:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+        val = f"{100 * m['val_top1']:.1f}" if "val_top1" in m else "-"
+        lines.append(f"| {head} | {model} | {pct('test_top1')} | {pct('test_top3')} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(config, workdir: str) -> dict:
+    t0 = time.perf_counter()
+    validate(config)
+    workdir = pathlib.Path(workdir)
+    stages = tuple(config.gist.stages)
+    res: dict = {}
+    if "pretrain" in stages:
+        res["pretrain"] = pretrain(config, workdir)
+    init = pretrained_init(config, workdir)
+    captions = config.data.captions
+    if "match" in stages:
+        res["match"], captions = match(config, workdir, init)
+    elif (workdir / "match").is_dir() and not captions:
+        found = sorted((workdir / "match").glob("captions_top*.json"))
+        captions = str(found[-1]) if found else ""
+    if "finetune" in stages:
+        ft = finetune_stage(config, workdir, init, captions)
+        res["finetune"] = {k: v for k, v in ft.items() if not k.startswith("val_")}
+    if "embed" in stages:
+        res["embed"] = embed(config, workdir, init)
+    if "evaluate" in stages:
+        res.update(evaluate(config, workdir))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    if jax.process_index() == 0:
+        previous = workdir / "results.json"
+        if previous.exists():  # stages run earlier keep their results
+            res = {**json.loads(previous.read_text()).get("gist", {}), **res}
+        results.write_results(workdir, {"gist": res})
+        table = comparison_table(res)
+        (workdir / "results.md").write_text(table + "\n" + results.markdown_table({"gist": res}))
+        (workdir / "comparison.md").write_text(table)
+        logging.info("gist results:\n%s", table)
+    return {"gist": res}
+
+
+def load_results(workdir) -> dict:
+    return json.loads((pathlib.Path(workdir) / "results.json").read_text())["gist"]
