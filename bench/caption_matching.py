@@ -177,11 +177,11 @@ def main():
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from jaxgist.methods import caption_matching
-    from jaxgist.models.clip import tokenizer
     from jaxgist.data import synthetic
     from jaxgist.data.sources import GistSource
+    from jaxgist.methods import caption_matching
     from jaxgist.models import clip
+    from jaxgist.models.clip import tokenizer
 
     print(f"cpu cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f} "
           f"(the machine is shared: other processes take their share)")

@@ -61,8 +61,8 @@ def main():
     import transformers
     from flax import nnx
 
-    from jaxgist.models.clip import tokenizer
     from jaxgist.models import clip
+    from jaxgist.models.clip import tokenizer
 
     cfg = clip.PRESETS[args.preset]
     hf_cfg = clip.config_to_hf(cfg)

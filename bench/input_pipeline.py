@@ -305,9 +305,9 @@ def main():
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1])
 
-    from jaxgist.models.clip import tokenizer
     from jaxgist.data import pipeline
     from jaxgist.data.sources import GistSource
+    from jaxgist.models.clip import tokenizer
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load_before = os.getloadavg()

@@ -27,11 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
+from jaxgist.methods import finetune_step  # noqa: E402
 from jaxgist.methods import finetune
-from jaxgist.training import metrics
-from jaxgist.training import parallel
-from jaxgist.training import train_state as train  # noqa: E402
 from jaxgist.models import clip  # noqa: E402
+from jaxgist.training import metrics, parallel
 
 TINY = dict(vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128),
             text=dict(context_length=77, width=64, layers=2, heads=4, mlp_dim=128), embed_dim=32)
@@ -63,7 +62,7 @@ def bare_step_time(c, steps: int) -> tuple[float, float | None]:
     """Seconds per call of the compiled step on a batch already on the devices, and its FLOPs."""
     mesh = parallel.make_mesh(c.mesh)
     model = clip.from_config(c.model, seed=0)
-    setup = train.build(c, mesh, steps, model_cfg=model.config)
+    setup = finetune_step.build(c, mesh, steps, model_cfg=model.config)
     state = setup.init_state(model)
     compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(c.train.global_batch)).compile()
     rng = np.random.default_rng(0)

@@ -27,8 +27,7 @@ Arguments (``configs/flip.py:<arg>``):
            per image, CPU, well under a minute.
 """
 
-from jaxgist.methods import finetune
-from jaxgist.methods import flip
+from jaxgist.methods import finetune, flip
 
 
 def get_config(arg: str = ""):

@@ -5,7 +5,7 @@
         --config.train.global_batch=1024 --config.mesh='(("data", -1), ("fsdp", 1))'
 
 Builds the mesh and shardings from the config over the topology's abstract chips, then lowers and
-compiles the same jitted train step that ``finetune`` runs (``train.build``), with abstract arrays of
+compiles the same jitted train step that the config's method runs (its ``compile_inputs``), with abstract arrays of
 the config's shapes and shardings; no parameters are created and no data is read. Prints per-chip
 memory (arguments, outputs, temporaries, generated code, and their total against the chip's usable
 HBM), FLOPs per step and the compile time; ``--json FILE`` writes the same as JSON.
@@ -26,35 +26,52 @@ from typing import Any, Sequence
 
 from jaxgist.training import aot, metrics
 from jaxgist.training.aot import (  # noqa: F401  (the command's public names)
-    GiB, USABLE_HBM, Report, TopologyError, bytes_per_device, parse_topology, topology_devices)
+    USABLE_HBM,
+    GiB,
+    Report,
+    TopologyError,
+    bytes_per_device,
+    parse_topology,
+    topology_devices,
+)
+
 
 def compile_train_step(config, devices: Sequence[Any], *, topology: str = "", hbm_bytes: float | None = None) -> Report:
-    """Lowers and compiles ``finetune``'s train step for ``config`` on ``devices`` (a topology's).
+    """Lowers and compiles the train step of ``config.method`` for ``config`` on ``devices`` (a
+    topology's). The method's ``compile_inputs(config, mesh)`` gives the jitted step and its abstract
+    arguments (train state, batch).
 
-    Raises ``config.ConfigError`` for a bad config (before compiling). A step that does not fit
-    comes back as a Report with ``fits=False`` (and the compiler's message when it refused)."""
+    Raises ``ConfigError`` for a bad config or a method without a train step (before compiling). A
+    step that does not fit comes back as a Report with ``fits=False`` (and the compiler's message
+    when it refused)."""
     import jax
     import numpy as np
+    from flax import nnx
 
-    from jaxgist.methods import finetune
+    from jaxgist import methods
+    from jaxgist.core.config import ConfigError
     from jaxgist.training import parallel
-    from jaxgist.training import train_state as train
-    from jaxgist.models import clip
 
-    finetune.validate(config, num_devices=len(devices), check_data=False)
-    mesh = parallel.make_mesh(config.mesh, devices)
-    finetune.check_batch(config, mesh)
-    model_cfg = clip.config_from_model_config(config.model)
-    # the schedule's length does not change any shape: a placeholder when the job counts epochs
-    setup = train.build(config, mesh, config.train.steps or 1000, model_cfg=model_cfg)
+    try:
+        job = methods.get(config.get("method"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not hasattr(job, "compile_inputs"):
+        raise ConfigError(f"config.method={config.method!r} has no train step to compile")
+    try:
+        mesh = parallel.make_mesh(config.mesh, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    step, args, model_cfg = job.compile_inputs(config, mesh)
+    state = args[0]
     global_batch = config.train.global_batch
-    args = (setup.abstract_state, setup.abstract_batch(global_batch))
     argument_bytes = aot.bytes_per_device(args)
     kind = devices[0].device_kind
     hbm = hbm_bytes if hbm_bytes is not None else aot.USABLE_HBM.get(kind)
-    compiled, message, lower_s, compile_s = aot.compile_step(setup.step, *args)
+    compiled, message, lower_s, compile_s = aot.compile_step(step, *args)
 
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.abstract_state.params))
+    params = [nnx.filter_state(m, nnx.Param) for m in state.models.values()]
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     common = dict(
         topology=topology, device_kind=kind, num_devices=len(devices),
         num_hosts=len({d.process_index for d in devices}), mesh={k: int(v) for k, v in mesh.shape.items()},
@@ -64,24 +81,23 @@ def compile_train_step(config, devices: Sequence[Any], *, topology: str = "", hb
         lower_seconds=lower_s, compile_seconds=compile_s)
     if compiled is None:
         return Report(**{**common, **aot.refused_fields(message, argument_bytes, hbm)}, flops_per_device=None,
-                      flops_total=_unpartitioned_flops(config, model_cfg))
+                      flops_total=_unpartitioned_flops(job, config))
     flops = metrics.compiled_flops(compiled)
     return Report(**common, **aot.memory_fields(compiled, hbm), flops_per_device=flops,
-                  flops_total=flops * len(devices) if flops else _unpartitioned_flops(config, model_cfg))
+                  flops_total=flops * len(devices) if flops else _unpartitioned_flops(job, config))
 
 
-def _unpartitioned_flops(config, model_cfg) -> float | None:
+def _unpartitioned_flops(job, config) -> float | None:
     """FLOPs of the whole step as one program, from its lowering for one host CPU device (no compile):
     the figure for a step the TPU compiler refused (within ~1% of the partitioned count for CLIP)."""
     import jax
 
-    from jaxgist.training import metrics
     from jaxgist.training import parallel
-    from jaxgist.training import train_state as train
 
-    mesh = parallel.make_mesh((("data", 1),), jax.devices("cpu")[:1])
-    setup = train.build(config, mesh, config.train.steps or 1000, model_cfg=model_cfg)
-    return metrics.compiled_flops(setup.step.lower(setup.abstract_state, setup.abstract_batch(config.train.global_batch)))
+    one = config.copy_and_resolve_references()
+    one.mesh = (("data", 1),)
+    step, args, _ = job.compile_inputs(one, parallel.make_mesh(one.mesh, jax.devices("cpu")[:1]))
+    return metrics.compiled_flops(step.lower(*args))
 
 
 def _model_name(model_config) -> str:

@@ -7,14 +7,13 @@ writes ``DIR/results.json`` and ``DIR/results.md``.
 from __future__ import annotations
 
 import logging as std_logging
-import pathlib
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxgist import methods
-from jaxgist.core import results
+from jaxgist.core import files
 from jaxgist.training import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
@@ -24,9 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embe
 def run_job(config, workdir: str) -> dict:
     job = methods.get(config.get("method"))
     parallel.initialize_distributed(config)  # before anything touches the devices
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    files.makedirs(workdir)
     if jax.process_index() == 0:
-        (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        files.write_text_atomic(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return job.run(config, workdir)
 
 
@@ -44,9 +43,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     out = run_job(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-        md = pathlib.Path(_WORKDIR.value) / "results.md"
-        print(md.read_text() if md.exists() else results.markdown_table(out))
-        print(f"results: {pathlib.Path(_WORKDIR.value) / 'results.json'}")
+        md = files.join(_WORKDIR.value, "results.md")
+        print(files.read_text(md) if files.exists(md) else out)
+        print(f"results: {files.join(_WORKDIR.value, 'results.json')}")
 
 
 def cli():

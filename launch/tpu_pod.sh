@@ -22,10 +22,11 @@
 #      (gcloud compute tpus tpu-vm ssh --worker=all) and waits; with --detach it starts the job
 #      under nohup and returns (log: ~/jaxgist-<job>.log on each worker).
 #
-# WORKDIR must be one directory that every worker sees (Filestore/NFS mount, or a Cloud Storage bucket
-# mounted with gcsfuse on every worker): all processes write their shards of each checkpoint into
-# it, and process 0 writes metrics.jsonl, TensorBoard files and results.json. A gs:// URL is refused:
-# jaxgist writes its workdir with local file APIs. Relative CONFIG and data paths are relative to
+# WORKDIR is a Cloud Storage URL (gs://bucket/run: checkpoints, metrics.jsonl and results.json go
+# there through etils.epath and Orbax) or one directory that every worker sees (Filestore/NFS, a
+# bucket mounted with gcsfuse): all processes write their shards of each checkpoint into it, and
+# process 0 writes metrics.jsonl, TensorBoard files and results.json. The GIST job's stages write
+# numpy files and need a directory (it says so). Relative CONFIG and data paths are relative to
 # REMOTE_DIR on the workers; relative WORKDIR too.
 #
 # Options:
@@ -85,12 +86,6 @@ tpu=$1 config=$2 workdir=$3
 shift 3
 overrides=("$@")
 
-case $workdir in
-  gs://*)
-    echo "WORKDIR=$workdir: jaxgist writes its workdir with local file APIs; mount the bucket on every" \
-         "worker (gcsfuse) or use a shared filesystem (Filestore), and pass that path" >&2
-    exit 2 ;;
-esac
 for kv in "${envs[@]+"${envs[@]}"}"; do
   if ! [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
     echo "--env $kv: expected KEY=VALUE" >&2

@@ -1,4 +1,14 @@
-"""Writing files so that a reader never sees half of one."""
+"""Files of a workdir, local or in a bucket (``gs://...``), written so that a reader never sees half
+of one.
+
+    p = files.join(workdir, "eval", "results.json")     # an etils.epath.Path: local or gs://
+    files.write_json_atomic(p, {"a": 1}, indent=2)      # local: temp file + rename; bucket: one object
+    files.write_text_atomic(p, "...")
+    text = files.read_text(p) if files.exists(p) else ""
+
+Paths go through ``etils.epath`` (the layer Orbax uses), so a ``gs://`` workdir works wherever
+Orbax's does.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +17,60 @@ import os
 import tempfile
 from typing import Any
 
+from etils import epath
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    """``p`` as an epath.Path (``gs://`` URLs stay URLs)."""
+    return epath.Path(p)
+
+
+def join(base: str | os.PathLike, *parts: str) -> epath.Path:
+    return epath.Path(base).joinpath(*parts)
+
+
+def is_local(p: str | os.PathLike) -> bool:
+    """Whether ``p`` is a path on this machine (not a ``scheme://`` URL)."""
+    return "://" not in os.fspath(p)
+
+
+def exists(p: str | os.PathLike) -> bool:
+    return epath.Path(p).exists()
+
+
+def read_text(p: str | os.PathLike) -> str:
+    return epath.Path(p).read_text(encoding="utf-8")
+
+
+def makedirs(p: str | os.PathLike) -> epath.Path:
+    out = epath.Path(p)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
 
 def write_json_atomic(path: str | os.PathLike, data: Any, *, newline: bool = False, **dump_kwargs) -> str:
-    """Writes ``data`` as JSON (``json.dump(data, f, **dump_kwargs)``, then a newline if ``newline``)
-    to a temporary sibling of ``path`` and renames it into place, with the mode a plain ``open``
-    would give (0666 minus the umask). Creates the directory. Returns the absolute path."""
+    """Writes ``data`` as JSON (``json.dumps(data, **dump_kwargs)``, then a newline if ``newline``)
+    atomically (``write_text_atomic``). Returns the path written."""
+    return write_text_atomic(path, json.dumps(data, **dump_kwargs) + ("\n" if newline else ""))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Writes ``text`` (UTF-8) so that a reader sees the old file or the new one, never a part: on
+    this machine to a temporary sibling renamed into place with the mode a plain ``open`` would give
+    (0666 minus the umask); in a bucket as one object upload. Creates the directory. Returns the
+    path written (absolute, for local paths)."""
+    if not is_local(path):
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        return os.fspath(path)
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, **dump_kwargs)
-            if newline:
-                f.write("\n")
+            f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

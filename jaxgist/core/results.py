@@ -1,36 +1,122 @@
-"""Writing a job's results: ``results.json`` (machine) and ``results.md`` (a table for people)."""
+"""A job's results: ``results.json`` for machines, ``results.md`` rendered from it for people.
+
+    results.write(workdir, "gist", {"finetuned": {"linear_probe_sgd": {"test_top1": 0.81, ...}}},
+                  run={"seconds": 812.4, "stages": {...}})
+    table = results.load(workdir)["gist"]                 # {model: {head: {metric: value}}}
+    print(results.comparison_table(table))                # one row per (head, model)
+
+One schema for every job: ``{method: {model: {head: {metric: value}}}}`` (a value is a number, or
+a string for a chosen hyperparameter such as a feature transform) plus ``"run"``, the run's
+metadata (``run[method]``: seconds, stage or training figures, jax version, devices, time). ``write``
+checks the schema, merges into what the workdir already holds (key by key at every depth: a stage or
+evaluation run later adds to the results) and replaces both files atomically.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
-import pathlib
+import numbers
 from typing import Any, Mapping
 
+from jaxgist.core import files
 
-def _rows(results: Mapping[str, Any], prefix: str = ""):
-    for key, value in results.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _rows(value, name + " / ")
+RUN = "run"  # the key of the run metadata in results.json
+# the metrics a table shows, in this order, with their bootstrap std when there is one
+TABLE_METRICS = ("test_top1", "test_top3", "test_top5", "val_top1", "val_zero_shot_top1", "zero_shot_top1")
+
+
+class ResultsError(ValueError):
+    """Results that do not follow ``{method: {model: {head: {metric: value}}}}``."""
+
+
+def check(method: str, table: Mapping[str, Any]) -> None:
+    """Raises ResultsError naming the first entry of ``table`` (``{model: {head: {metric: value}}}``,
+    values numbers or strings) that does not fit the schema."""
+    if not isinstance(method, str) or not method or method == RUN:
+        raise ResultsError(f"results method name {method!r} must be a non-empty string other than {RUN!r}")
+    for model, heads in table.items():
+        if not isinstance(heads, Mapping):
+            raise ResultsError(f"results[{method!r}][{model!r}] must map heads to metrics, got {heads!r:.80}")
+        for head, metrics in heads.items():
+            if not isinstance(metrics, Mapping):
+                raise ResultsError(f"results[{method!r}][{model!r}][{head!r}] must map metric names to values, "
+                                   f"got {metrics!r:.80}")
+            for name, value in metrics.items():
+                if not isinstance(value, (numbers.Number, str)):
+                    raise ResultsError(f"results[{method!r}][{model!r}][{head!r}][{name!r}] = {value!r:.80} is "
+                                       f"not a number or a string")
+
+
+def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` over ``old``, key by key at every depth."""
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
         else:
-            yield name, value
+            out[key] = value
+    return out
 
 
-def markdown_table(results: Mapping[str, Any]) -> str:
-    lines = ["| method / metric | value |", "|---|---|"]
-    for name, value in _rows(results):
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {name} | {shown} |")
+def load(workdir) -> dict[str, Any]:
+    """``workdir/results.json`` ({} when there is none yet)."""
+    path = files.join(workdir, "results.json")
+    return json.loads(files.read_text(path)) if files.exists(path) else {}
+
+
+def write(workdir, method: str, table: Mapping[str, Any], *, run: Mapping[str, Any] | None = None) -> dict:
+    """Merges ``{method: table}`` and ``{"run": {method: run}}`` into ``workdir/results.json`` and
+    renders ``results.md`` from the merged whole. Returns the merged results."""
+    check(method, table)
+    new: dict[str, Any] = {method: dict(table)}
+    if run is not None:
+        new[RUN] = {method: {**run, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")}}
+    merged = merge(load(workdir), new)
+    files.write_json_atomic(files.join(workdir, "results.json"), merged, newline=True, indent=2, sort_keys=True)
+    files.write_text_atomic(files.join(workdir, "results.md"), markdown(merged))
+    return merged
+
+
+def _cell(metrics: Mapping[str, Any], key: str) -> str:
+    if key not in metrics:
+        return "-"
+    value = metrics[key]
+    std = metrics.get(f"{key}_bootstrap_std")
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def comparison_table(table: Mapping[str, Any]) -> str:
+    """Markdown: one row per (head, model) of one method's results, heads in order of first
+    appearance, accuracies in % (± bootstrap std), only the columns some row has."""
+    rows = [(head, model, metrics) for model, heads in table.items() for head, metrics in heads.items()]
+    order = {head: i for i, head in reversed(list(enumerate(h for h, _, _ in rows)))}
+    rows.sort(key=lambda r: (list(table).index(r[1]), order[r[0]]))
+    columns = [k for k in TABLE_METRICS if any(k in m for _, _, m in rows)]
+    lines = ["| head | model | " + " | ".join(f"{c} (%)" for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for head, model, metrics in rows:
+        lines.append(f"| {head} | {model} | " + " | ".join(_cell(metrics, c) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(workdir: str | pathlib.Path, results: Mapping[str, Any]) -> pathlib.Path:
-    """Merges ``results`` into ``workdir/results.json`` and rewrites ``results.md``."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "results.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    (workdir / "results.md").write_text(markdown_table(merged))
-    return path
+def _run_lines(run: Mapping[str, Any], prefix: str = ""):
+    for key, value in run.items():
+        if isinstance(value, Mapping):
+            yield from _run_lines(value, f"{prefix}{key}.")
+        else:
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            yield f"- {prefix}{key}: {shown}"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """``results.md``: each method's comparison table, then the run metadata."""
+    parts = []
+    for method, table in results.items():
+        if method == RUN:
+            continue
+        parts.append(f"## {method}\n\n{comparison_table(table)}")
+    for method, run in results.get(RUN, {}).items():
+        parts.append(f"## run: {method}\n\n" + "\n".join(_run_lines(run)) + "\n")
+    return "\n".join(parts)

@@ -67,6 +67,9 @@ def validate(c) -> None:
 def write_synthetic(c, workdir: str | os.PathLike) -> synthetic.SyntheticDataset:
     """Writes (or reuses) the synthetic dataset; process 0 writes, the others wait for it."""
     s = c.synthetic
+    if not s.dir and "://" in os.fspath(workdir):
+        raise ConfigError(f"config.data.synthetic.dir must be set to a local directory: the generated images "
+                          f"are not written into a bucket workdir ({os.fspath(workdir)})")
     root = pathlib.Path(s.dir or pathlib.Path(workdir) / "synthetic")
     kwargs = dict(first_class=s.first_class, num_classes=s.num_classes, train_per_class=s.train_per_class, val_per_class=s.val_per_class,
                   test_per_class=s.test_per_class, image_size=s.image_size, seed=s.seed,
@@ -81,12 +84,14 @@ def write_synthetic(c, workdir: str | os.PathLike) -> synthetic.SyntheticDataset
 
 
 def paths(c, workdir: str | os.PathLike) -> dict[str, str]:
-    """metadata / image_dir / captions / descriptions of a GIST-format config (synthetic included)."""
+    """metadata / image_dir / captions / descriptions of a GIST-format config (synthetic included), and
+    coder_knowledge: the synthetic dataset's CODER knowledge file ("" for other sources)."""
     if c.source == "synthetic":
         ds = write_synthetic(c, workdir)
         return {"metadata": ds.metadata, "image_dir": ds.image_dir, "captions": ds.captions,
-                "descriptions": ds.descriptions}
-    return {"metadata": c.metadata, "image_dir": c.image_dir, "captions": c.captions, "descriptions": c.descriptions}
+                "descriptions": ds.descriptions, "coder_knowledge": ds.coder_knowledge}
+    return {"metadata": c.metadata, "image_dir": c.image_dir, "captions": c.captions, "descriptions": c.descriptions,
+            "coder_knowledge": ""}
 
 
 def source(c, split: str, workdir: str | os.PathLike, *, with_captions: bool):

@@ -9,6 +9,7 @@ index arithmetic, so the pipeline is deterministic given the seed and its iterat
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Sequence
 
 import grain
@@ -118,7 +119,10 @@ class _AugmentedExample:
                 "index": np.int64(record["index"])}
 
 
-_skipped: list[str] = []
+_SKIPPED_KEY = "_skipped_paths"
+_skipped: list[str] = []  # paths skipped as unreadable, as the main process learns of them
+_pending: list[str] = []  # paths this process skipped and has not yet attached to a batch
+_pending_lock = threading.Lock()
 
 
 def _read(record, skip_unreadable: bool):
@@ -131,13 +135,34 @@ def _read(record, skip_unreadable: bool):
     except (FileNotFoundError, images.ImageReadError) as e:
         if not skip_unreadable:
             raise
-        _skipped.append(str(record.get("path", record.get("filename"))))
-        logging.warning("skipping unreadable image %d in this process: %s", len(_skipped), e)
+        with _pending_lock:
+            _pending.append(str(record.get("path", record.get("filename"))))
+        logging.warning("skipping unreadable image: %s", e)
         return None
 
 
+def _attach_skipped(batch: dict) -> dict:
+    """Runs where the batch is made (a worker process or this one): hands the paths skipped since the
+    last batch to the main process inside the batch."""
+    with _pending_lock:
+        paths, _pending[:] = list(_pending), []
+    return {**batch, _SKIPPED_KEY: np.asarray(paths, dtype=np.str_)}
+
+
+def _record_skipped(batch: dict) -> dict:
+    """Runs in the main process: counts the skipped paths a batch carries and removes them from it."""
+    batch = dict(batch)
+    paths = [str(p) for p in batch.pop(_SKIPPED_KEY)]
+    if paths:
+        _skipped.extend(paths)
+        logging.warning("%d unreadable image(s) skipped so far in this process's input, e.g. %s", len(_skipped),
+                        paths[0])
+    return batch
+
+
 def skipped_images() -> list[str]:
-    """Paths skipped as unreadable by this process (``skip_unreadable=True``)."""
+    """Paths skipped as unreadable (``skip_unreadable=True``) in this process's input, including those
+    skipped in its grain worker processes (reported with the batches that follow them)."""
     return list(_skipped)
 
 
@@ -155,12 +180,16 @@ def _finish(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, skip
     if skip_unreadable:
         it = it.filter(_is_present)
     it = it.batch(batch_size, drop_remainder=drop_remainder)
+    if skip_unreadable:
+        it = it.map(_attach_skipped)
     if workers:
         if not flags.FLAGS.is_parsed():
             # grain's worker processes read absl flags; outside absl.app (notebooks, other CLIs)
             # nothing has parsed them, so take the defaults.
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    if skip_unreadable:
+        it = it.map(_record_skipped)
     return it
 
 

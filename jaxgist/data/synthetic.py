@@ -1,24 +1,16 @@
-"""Procedurally drawn datasets for offline runs and tests.
+"""Procedurally drawn datasets for offline runs and tests: coloured shapes in memory (one (colour, shape)
+pair per class), and fine-grained birds written as a GIST-format dataset, read through CUB's code path.
 
-Two generators live here:
-
-- Coloured shapes (`class_names`, `draw`, `make_images`): coarse classes, one (colour, shape) pair
-  each, returned as in-memory arrays.
-- Fine-grained birds (`species_list`, `render`, `image_captions`, `class_descriptions`,
-  `write_dataset`): a GIST-format dataset on disk (images, metadata CSVs with few-shot variants,
-  matched captions per training image, class descriptions), so that offline runs read synthetic
-  data through the same code path as CUB.
-
-Birds are grouped into genera. A genus fixes every attribute (body shape, body colour, pattern and
-its colour, head, wing/tail, crest and beak colour, tail length); its species keep all of them but
-one. So two species of a genus differ in one or two attributes, often small parts (a crest, a beak),
-and species of different genera differ in several. Images vary within a class by position, scale,
-rotation, facing direction, perch, background colour and texture, lighting, noise and small colour
-jitter. Everything is deterministic: the taxonomy is fixed (the first ``n`` classes are the same for
-every ``num_classes >= n``), and image ``j`` of a class and split depends only on ``(seed, label,
-split, j)``.
-
+    images, labels, names = synthetic.make_images(num_classes=6, per_class=10, size=32)   # shapes: uint8 [N, S, S, 3]
+    ds = synthetic.write_dataset("/tmp/birds", num_classes=20, train_per_class=30)      # SyntheticDataset: paths
     python -m jaxgist.data.synthetic --out /tmp/birds --num_classes 20 --train_per_class 30
+
+Birds (``species_list``, ``render``, ``image_captions``, ``class_descriptions``, ``coder_knowledge``):
+a genus fixes every attribute (body shape and colour, pattern and its colour, head, wing/tail, crest and
+beak colour, tail length) and its species change one, so species of a genus differ in one or two, often
+small parts, those of different genera in several. Images vary by position, scale, rotation, facing,
+perch, background colour and texture, lighting, noise and colour jitter. Deterministic: the first ``n``
+classes are the same for every ``num_classes >= n``; image ``j`` depends only on (seed, label, split, j).
 """
 
 from __future__ import annotations
@@ -565,11 +557,83 @@ def class_descriptions(species: Species, num_descriptions: int = 6) -> list[str]
 
 
 # =============================================================================================
+# Fine-grained birds: CODER knowledge
+# =============================================================================================
+
+# The templates of the dataset's CODER knowledge file (the format of ``jaxgist.heads.coder.knowledge``).
+CODER_TEMPLATES = {
+    "name": "a photo of a {name}, a type of bird.",
+    "attribute": "a photo of a {name}, a type of bird, which has {attribute}.",
+    "analogous": "a photo of a {name}, a bird similar to the {analogous}.",
+}
+# Which part phrase (``_part_phrases``) names the attribute a species departs from its genus in.
+_DISTINGUISHING_PART = {"crest": "crest", "wing": "wings", "pattern": "body", "beak": "beak", "tail": "tail",
+                        "head": "head"}
+
+
+def _part_phrases(sp: Species) -> dict[str, str]:
+    """One fixed phrase per visible part of a species (shape, body and pattern, head, wings, crest,
+    beak, tail)."""
+    b, p = sp.body_colour, sp.pattern_colour
+    body = {"plain": f"a plain {b} body", "striped": f"a {b} body with {p} stripes",
+            "spotted": f"a {b} body with {p} spots",
+            "checkered": f"a {b} and {p} checkered body"}.get(sp.pattern, f"a {sp.pattern} {b} body")
+    phrases = {
+        "shape": f"a {sp.body_shape} body shape",
+        "body": body,
+        "head": f"a {sp.head_colour} head",
+        "wings": f"{sp.wing_colour} wings",
+        "crest": f"a {sp.crest} crest" if sp.crest else "no crest",
+        "beak": f"a {sp.beak_colour} beak",
+        "tail": f"a {sp.tail} {sp.wing_colour} tail",
+    }
+    return {k: _articles(v) for k, v in phrases.items()}
+
+
+def coder_knowledge(species: Sequence[Species]) -> dict[str, Any]:
+    """The CODER knowledge of a dataset of ``species`` (in label order), as the JSON object of the
+    knowledge-file format (``jaxgist.heads.coder.knowledge``; written as ``coder_knowledge.json``).
+
+    Per class: its attributes are the phrases of its parts (``_part_phrases``); its synonym names the
+    genus and what sets the species apart ("finch with a yellow crest"; for a genus's common species,
+    its body and wings); its analogous classes are the other species of its genus in the dataset.
+    Pair texts (i, j) for every ordered pair of species of one genus, two per part phrase in which they
+    differ: "a X has <i's phrase>, while a Y has <j's phrase>." and "a X differs from a Y in having
+    <i's phrase>.".
+    """
+    names = [sp.name for sp in species]
+    phrases = [_part_phrases(sp) for sp in species]
+    classes = []
+    for i, sp in enumerate(species):
+        dist = [d for d in sp.distinguishing if d in _DISTINGUISHING_PART]
+        key = (" and ".join(phrases[i][_DISTINGUISHING_PART[d]] for d in dist) if dist
+               else f"{phrases[i]['body']} and {phrases[i]['wings']}")
+        classes.append({"name": sp.name, "synonyms": [_articles(f"{sp.genus.lower()} with {key}")],
+                        "attributes": list(phrases[i].values()),
+                        "analogous": [names[j] for j, other in enumerate(species)
+                                      if j != i and other.genus == sp.genus]})
+    pairs = {}
+    for i, j in itertools.permutations(range(len(species)), 2):
+        if species[i].genus != species[j].genus:
+            continue
+        texts = []
+        for part, mine in phrases[i].items():
+            theirs = phrases[j][part]
+            if mine != theirs:
+                texts.append(_articles(f"a {names[i]} has {mine}, while a {names[j]} has {theirs}."))
+                texts.append(_articles(f"a {names[i]} differs from a {names[j]} in having {mine}."))
+        if texts:
+            pairs[f"{i},{j}"] = texts
+    return {"version": 1, "templates": dict(CODER_TEMPLATES), "classes": classes, "pairs": pairs}
+
+
+# =============================================================================================
 # Fine-grained birds: the dataset on disk
 # =============================================================================================
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CODER_KNOWLEDGE = "coder_knowledge.json"
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -589,6 +653,7 @@ class SyntheticDataset:
     descriptions: str
     classes: str
     attributes: str
+    coder_knowledge: str
     manifest: str
     class_names: tuple[str, ...]
     num_images: int
@@ -607,7 +672,7 @@ def _paths(root: str, params: dict[str, Any], names: Sequence[str], num_images: 
         few_shot={k: j(f"metadata_{k}shot.csv") for k in params["shots"]},
         image_dir=j("images"), captions=j(f"captions_top{params['num_captions']}.json"),
         descriptions=j("long_captions.json"), classes=j("classes.txt"), attributes=j("attributes.json"),
-        manifest=j(MANIFEST), class_names=tuple(names), num_images=num_images, created=created)
+        coder_knowledge=j(CODER_KNOWLEDGE), manifest=j(MANIFEST), class_names=tuple(names), num_images=num_images, created=created)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -652,6 +717,8 @@ def write_dataset(out_dir: str | os.PathLike, *, num_classes: int = 20, train_pe
         long_captions.json         class key ("yellow-crested-finch") -> num_descriptions descriptions
         classes.txt                "1 001.Common_Finch" per line
         attributes.json            {"classes": {name: attributes}, "images": {filename: scene}}
+        coder_knowledge.json       the classes' CODER knowledge (``coder_knowledge``; the format of
+                                   ``jaxgist.heads.coder.knowledge``)
         manifest.json              the parameters; written last, so it marks a complete dataset
 
     The dataset is built in a temporary sibling directory and moved into place, so an interrupted
@@ -688,6 +755,11 @@ def write_dataset(out_dir: str | os.PathLike, *, num_classes: int = 20, train_pe
                              f"refusing to write into it")
         if manifest.get("params") == params:
             logging.info("synthetic dataset in %s is complete with these parameters; reusing it", root)
+            knowledge = os.path.join(root, CODER_KNOWLEDGE)
+            if not os.path.isfile(knowledge):  # written before datasets carried their CODER knowledge
+                tmp = f"{knowledge}.tmp-{os.getpid()}"
+                _write_json(tmp, coder_knowledge(species))
+                os.replace(tmp, knowledge)
             return _paths(root, params, names, num_images, created=False)
         if not overwrite:
             old = manifest.get("params", {})
@@ -770,6 +842,7 @@ def _generate(root: str, params: dict[str, Any], species: Sequence[Species]) -> 
                 {"classes": {sp.name: {"genus": sp.genus, "distinguishing": list(sp.distinguishing),
                                        **sp.attributes()} for sp in species},
                  "images": scenes})
+    _write_json(os.path.join(root, CODER_KNOWLEDGE), coder_knowledge(species))
     counts = {s: len(species) * n for s, n in per_split.items()}
     _write_json(os.path.join(root, MANIFEST),
                 {"generator": "jaxgist.data.synthetic.write_dataset", "params": params,

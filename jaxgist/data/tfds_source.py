@@ -1,23 +1,16 @@
 """TFDS data sources: fine-grained classification datasets of TensorFlow Datasets read at random from
 their prepared array_record files with ``tfds.data_source`` (TensorFlow is not needed).
 
-Records have the layout of ``jaxgist.data.sources`` plus the encoded image:
+    src = tfds_source.TfdsSource("caltech_birds2011", "train", data_dir=DIR, captions=None)
+    record = src[0]   # jaxgist.data.sources' record + "image_bytes" (the file's JPEG/PNG bytes)
 
-    {"index": int,          # position in this source (0 .. len - 1)
-     "filename": str,       # the image's file name in the original release (see DATASETS)
-     "path": str,           # "tfds://<dataset>/<split>/<filename>", a name, not a file
-     "label": int,          # the TFDS label
-     "species": str,        # the readable class name (see `readable_class_name`)
-     "split": str,          # "train", "val" (TFDS "validation") or "test"
-     "captions": [str],     # only when a captions file is given
-     "image_bytes": bytes}  # the image file's bytes (JPEG, PNG, ...), read on __getitem__
-
-Images are read undecoded (TFDS's ``SkipDecoding``); ``jaxgist.data.pipeline`` decodes them with
-``images.decode_image`` like every other image. Labels and file names are read once, when a source is
-built; image bytes are read only when a record is asked for.
-
-Supported datasets: the keys of ``DATASETS``. A dataset must be prepared in array_record format
-before it can be read, e.g. where network is available:
+Record fields as in ``jaxgist.data.sources``: ``filename`` the image's name in the original release
+(see ``DATASETS``), ``path`` ``"tfds://<dataset>/<split>/<filename>"`` (a name, not a file), ``label``
+the TFDS label, ``species`` its ``readable_class_name``, ``split`` "train", "val" (TFDS "validation") or
+"test", ``captions`` only when a captions file is given. Labels and file names are read once, when a
+source is built; image bytes, undecoded (TFDS's ``SkipDecoding``), only when a record is asked for, and
+``jaxgist.data.pipeline`` decodes them with ``images.decode_image`` like every other image. Supported:
+the keys of ``DATASETS``, prepared in array_record format first, e.g. where network is available:
 
     tfds build caltech_birds2011 --data_dir=DIR --file_format=array_record
 """

@@ -1,24 +1,16 @@
-"""Classification accuracy for results files: top-k accuracy and bootstrap estimates of it.
+"""Classification accuracy for results files: top-k accuracy and bootstrap estimates of it (numpy in,
+numpy or Python floats out).
 
-Public API: ``topk_accuracy``, ``topk_correct``, ``bootstrap_topk`` and ``accuracy_summary``.
-Everything is numpy in, numpy (or Python floats) out.
+    acc = accuracy.topk_accuracy(logits, labels, k=1)               # ok = topk_correct(...): [n] bool
+    boot = accuracy.bootstrap_topk(logits, labels, ks=(1, 3))       # {"top1": {"mean", "std"}, "top3": ...}
+    row = accuracy.accuracy_summary(logits, labels, prefix="test")  # test_top1, test_top1_bootstrap_mean, ...
 
-Bootstrap semantics follow GIST's ``linear_probe.py``: a resample draws ``n`` test examples with
-replacement (logits and labels together), top-k accuracy is computed on it, and the mean and the
-population standard deviation (``np.std``, ddof=0) over the resamples are reported. Because an
-example's correctness does not depend on the other examples, a resample's accuracy is the mean of the
-per-example correctness over the drawn indices; all resamples are evaluated in one gather.
-
-Two index streams are offered:
-- ``rng="numpy"`` (default): ``np.random.default_rng(seed).integers(0, n, size=(resamples, n))``,
-  drawn in one call.
-- ``rng="gist"``: resample ``j`` uses ``np.random.RandomState(seed + j).randint(0, n, n)``, the indices
-  that ``sklearn.utils.resample(..., replace=True, random_state=j)`` draws in GIST's loop, so with
-  ``seed=0`` the numbers are GIST's exactly (only the index draw loops over resamples).
-
-Ties: a label counts as within the top k when fewer than k classes beat it, a class beating it when
-its logit is larger, or equal with a smaller class index. This is ``argmax``'s rule for k=1 (the first
-maximum wins) and a stable descending sort's for larger k, so constant logits never count as correct.
+Bootstrap as GIST's ``linear_probe.py``: ``n`` examples drawn with replacement per resample, mean and
+``np.std`` (ddof=0) over resamples. Index streams: ``rng="numpy"`` (default, one
+``default_rng(seed).integers`` call) or ``rng="gist"`` (``RandomState(seed + j)`` per resample:
+GIST's numbers exactly with ``seed=0``). Ties: a class beats the label when its logit is larger, or
+equal with a smaller index (``argmax``'s rule), so constant logits never count as correct.
+Details: docs/methods/gist.md.
 """
 
 from __future__ import annotations

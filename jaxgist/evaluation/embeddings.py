@@ -1,7 +1,19 @@
-"""Batched, jitted image and text embedding extraction (L2-normalized, float32 numpy)."""
+"""Batched, jitted image and text embedding extraction (L2-normalized, float32 numpy).
+
+    img = embeddings.encode_images(model, pixels)           # [N, H, W, 3] normalized pixels -> [N, E] unit rows
+    txt = embeddings.encode_texts(model, tokenize(texts))   # [N, L] ids -> [N, E] (unused padding trimmed)
+    d = embeddings.encode_source(model, source)             # {"x", "y", "index"}; normalize=False: raw
+    embeddings.save(path, {"train": d, ...}, class_names)   # one .npz: <split>_x, <split>_y, <split>_index
+    splits, class_names = embeddings.load(path)             # ({split: {"x", "y", "index"}}, class names)
+
+Every batch has one shape (the last one padded), so the encoder compiles once; in a multi-process job
+each process encodes its shard of a source and every process gets all rows.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 
 import jax
@@ -10,7 +22,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from jaxgist.core import arrays
 from jaxgist.models.clip import tokenizer as tokenizer_lib
+from jaxgist.training import parallel
 
 
 @nnx.jit
@@ -24,23 +38,19 @@ def _encode_texts(model, ids):
 
 
 def _batched(fn, model, data: np.ndarray, batch_size: int, what: str) -> np.ndarray:
-    """Runs ``fn`` over ``data`` in fixed-size batches (the last one padded, so one compile)."""
+    """Unit-norm ``fn(model, batch)`` over ``data`` in fixed-size batches (the last one padded, so one
+    compile)."""
     n = len(data)
     if n == 0:
         raise ValueError(f"no {what} to encode")
-    out, t0 = [], time.perf_counter()
-    for start in range(0, n, batch_size):
-        chunk = data[start : start + batch_size]
-        valid = len(chunk)
-        if valid < batch_size and n > batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid, axis=0)])
-        emb = np.asarray(fn(model, jnp.asarray(chunk)))[:valid]
-        out.append(emb / np.linalg.norm(emb, axis=-1, keepdims=True))
-        done = start + valid
-        if done == n or (start // batch_size) % 20 == 19:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            logging.info("encoded %d/%d %s (%.1f/s)", done, n, what, rate)
-    return np.concatenate(out).astype(np.float32)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or (done // batch_size) % 20 == 0:
+            logging.info("encoded %d/%d %s (%.1f/s)", done, total, what, done / max(time.perf_counter() - t0, 1e-9))
+
+    emb = arrays.map_batches(functools.partial(fn, model), data, batch_size, on_batch=progress)
+    return arrays.l2_normalize(emb).astype(np.float32)
 
 
 def encode_images(model, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -61,37 +71,58 @@ def encode_source(model, source, *, batch_size: int = 64, workers: int = 0, pref
     {"x" [N, E] float32, "y" [N] int32, "index" [N] int64}.
 
     Images are decoded by the grain eval pipeline; every batch is padded to ``batch_size`` so the
-    encoder compiles once. With ``skip_unreadable`` unreadable images are left out (and counted by
-    ``pipeline.skipped_images``)."""
+    encoder compiles once. In a multi-process job each process encodes its shard of the records and
+    every process gets all of them. With ``skip_unreadable`` unreadable images are left out (and
+    counted by ``pipeline.skipped_images``)."""
     from jaxgist.data import pipeline
 
     size = model.config.vision.image_size
     ds = pipeline.eval_dataset(source, image_size=size, batch_size=batch_size, skip_unreadable=skip_unreadable,
-                               workers=workers, prefetch=prefetch, shard_index=0, shard_count=1,
-                               augment_seed=augment_seed)
-    xs, ys, idx, t0, done = [], [], [], time.perf_counter(), 0
+                               workers=workers, prefetch=prefetch, augment_seed=augment_seed)
+    n = len(source)
+    x, y, filled = None, np.zeros(n, np.int32), np.zeros(n, bool)
+    t0, done = time.perf_counter(), 0
     for i, batch in enumerate(ds):
-        n = len(batch["label"])
+        m = len(batch["label"])
         pixels = batch["image"]
-        if n < batch_size:
-            pixels = np.concatenate([pixels, np.zeros((batch_size - n, *pixels.shape[1:]), pixels.dtype)])
-        emb = np.asarray(_encode_images(model, jnp.asarray(pixels)))[:n]
-        xs.append(emb / np.linalg.norm(emb, axis=-1, keepdims=True) if normalize else emb)
-        ys.append(batch["label"])
-        idx.append(batch["index"])
-        done += n
-        if i % 20 == 19 or done == len(source):
-            logging.info("encoded %d/%d images (%.1f/s)", done, len(source), done / max(time.perf_counter() - t0, 1e-9))
-    if not xs:
+        emb = np.asarray(_encode_images(model, jnp.asarray(arrays.pad_rows(pixels, batch_size, fill="zeros"))))[:m]
+        if x is None:
+            x = np.zeros((n, emb.shape[1]), np.float32)
+        index = np.asarray(batch["index"])
+        x[index] = arrays.l2_normalize(emb) if normalize else emb
+        y[index], filled[index] = batch["label"], True
+        done += m
+        if i % 20 == 19:
+            logging.info("encoded %d images (%.1f/s)", done, done / max(time.perf_counter() - t0, 1e-9))
+    if x is None:  # this process had no readable image; its peers may have
+        x = np.zeros((n, model.config.embed_dim), np.float32)
+    x, _ = parallel.combine_rows(x, filled)
+    y, filled = parallel.combine_rows(y, filled)
+    keep = np.flatnonzero(filled)
+    if not len(keep):
         raise ValueError(f"no images to encode in {source!r}")
-    return {"x": np.concatenate(xs).astype(np.float32), "y": np.concatenate(ys).astype(np.int32),
-            "index": np.concatenate(idx).astype(np.int64)}
+    logging.info("encoded %d/%d images in %.1f s", len(keep), n, time.perf_counter() - t0)
+    return {"x": x[keep], "y": y[keep], "index": keep.astype(np.int64)}
 
 
 def save(path, splits: dict[str, dict[str, np.ndarray]], class_names) -> None:
-    """Writes embeddings of several splits to one .npz: ``<split>_x``, ``<split>_y``, ``<split>_index``."""
+    """Writes embeddings of several splits to one .npz: ``<split>_x``, ``<split>_y``, ``<split>_index``
+    (replaced atomically: a reader never sees half a file)."""
     arrays = {f"{split}_{k}": v for split, d in splits.items() for k, v in d.items()}
-    np.savez(path, class_names=np.asarray(list(class_names)), **arrays)
+    save_arrays(path, class_names=np.asarray(list(class_names)), **arrays)
+
+
+def save_arrays(path, **arrays: np.ndarray) -> None:
+    """``np.savez(path, **arrays)`` written to a temporary sibling and renamed into place."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load(path) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:

@@ -4,22 +4,11 @@ Each template is a string with one ``{}`` placeholder for the class name, the fo
 ``zero_shot.class_embeddings(model, tokenize, classnames, templates)`` takes:
 
     text_weights = zero_shot.class_embeddings(model, tokenize, names, templates.get("birds"))
+    templates.names()    # imagenet (CLIP's 80), imagenet7, birds, flowers, aircraft, cars, dermatology, default
 
-Sources:
-- ``imagenet``: the 80 templates of OpenAI's CLIP notebook ``Prompt_Engineering_for_ImageNet``
-  (the ensemble behind CLIP's ImageNet zero-shot numbers), in the notebook's order.
-- ``imagenet7``: the 7 of those that the same notebook's sequential forward selection kept, in the
-  order they were selected (a bit better than all 80 for the smaller models, the notebook says).
-- ``birds``, ``flowers``, ``aircraft``, ``cars``: CLIP's ``data/prompts.md`` lists for Birdsnap,
-  Flowers102, FGVCAircraft and StanfordCars (CLIP has no CUB list; its Birdsnap one is the bird
-  prompt that CUB work reuses).
-- ``dermatology``: ours (CLIP has no list for skin conditions): the same "a photo of ..., a type of
-  ..." pattern and a few clinical wordings, without an article, since condition names such as
-  "psoriasis" or "xeroderma pigmentosum" are uncountable.
-- ``default``: ``("a photo of a {}.",)``, CLIP's basic prompt (``zero_shot.DEFAULT_TEMPLATES``).
-
-``get(name)`` accepts the names above and the aliases in ``ALIASES`` (dataset names such as
-``cub``, ``flower``, ``fgvc_aircraft``, ``fitzpatrick40``), case-insensitively, ``-`` read as ``_``.
+``get(name)`` accepts those names and the aliases in ``ALIASES`` (dataset names such as ``cub``,
+``flower``, ``fgvc_aircraft``, ``fitzpatrick40``), case-insensitively, ``-`` read as ``_``. Where each
+list comes from (CLIP's notebook and ``data/prompts.md``; ``dermatology`` is ours): docs/methods/clip.md.
 """
 
 from __future__ import annotations

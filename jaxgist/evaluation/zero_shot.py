@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxgist.evaluation import embeddings
-from jaxgist.evaluation import accuracy as evaluation
+from jaxgist.core import arrays
+from jaxgist.evaluation import accuracy, embeddings
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -27,9 +27,9 @@ def class_embeddings(model, tokenize, classnames: Sequence[str], templates: Sequ
     texts = [t.format(name) for name in classnames for t in templates]
     emb = embeddings.encode_texts(model, tokenize(texts), batch_size=batch_size)
     emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    return arrays.l2_normalize(emb)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest logits (``evaluation.topk_accuracy``)."""
-    return evaluation.topk_accuracy(logits, labels, min(k, np.asarray(logits).shape[1]))
+    """Fraction of rows whose label is among the k highest logits (``accuracy.topk_accuracy``)."""
+    return accuracy.topk_accuracy(logits, labels, min(k, np.asarray(logits).shape[1]))

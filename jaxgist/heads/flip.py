@@ -1,50 +1,16 @@
-"""FLIP's heads on frozen CLIP embeddings (k-NN, nearest class mean, the image + caption hybrid MLP) and
-the checks of FLIP's caption-only fine-tuning (``configs/flip.py``).
+"""FLIP's heads on frozen CLIP embeddings: cosine k-NN, nearest class mean, and the image + caption
+hybrid MLP (FLIP, "Fine-Grained Object Classification using CLIP", github.com/rohit901/flip).
 
-FLIP ("FLIP: Fine-Grained Object Classification using CLIP", Aljubran, Bharadwaj, Sanjeev; code in
-github.com/rohit901/flip, notebooks only) on CUB-200-2011 with CLIP ViT-B/32:
+    knn = flip.knn_classifier(train_x, train_y, val_x, val_y, num_classes)        # KnnClassifier, k on val
+    cen = flip.centroid_classifier(train_x, train_y, val_x, val_y, num_classes)   # transform on val
+    hyb = flip.hybrid_head(train_x, train_caption_x, train_y, val_x, val_caption_x, val_y, num_classes)
+    logits = knn.predict_logits(test_x)          # [n, C] float32; hyb.predict_logits(test_x, test_caption_x)
+    z = flip.hybrid_features(x, caption_x)       # [image, caption], e.g. for probes.lbfgs_probe
 
-- Caption-only fine-tuning (``CLIP_CUB_zeroshot_KNN.ipynb``): CLIP's contrastive loss on (image, caption)
-  pairs, the caption being the first line of the image's human-written description file (Reed et al.'s
-  CUB text, 10 sentences per image, which describe the bird without naming its class), Adam lr 5e-7,
-  betas 0.9/0.98, eps 1e-6, weight decay 0.001 (PyTorch Adam: coupled L2), batch 32, 30 (and 100)
-  epochs, fp16 weights on GPU.
-  The pairs are ``glob(images/**/*.jpg)``: every CUB image, *test images included*. Ours trains on
-  the train split only: ``validate_finetune`` / ``check_finetune_splits`` reject any other selection.
-- k-NN (same notebook): scikit-learn ``KNeighborsClassifier`` on raw (unnormalized) image embeddings,
-  Euclidean distance, uniform votes, k = 5 after every fine-tuning epoch and k = 3..20 at the end,
-  each scored on the test split (k is chosen on test there). Ours: cosine similarity, k chosen on
-  validation.
-- Hybrid (``fully-supervised/Fully_supervised_{with,without}_finetuning_MLPs.ipynb``): the image
-  embedding and the embedding of the image's own caption (first line of its description file, for
-  train *and test* images alike) concatenated, [image, caption] (512 + 512), into
-  Linear(1024, 512) -> ReLU -> BatchNorm1d(512) -> Linear(512, 200) (a Dropout is defined but never
-  applied; the Image_Model/Text_Model towers are built but unused), PyTorch default initialization,
-  mean cross-entropy, plain SGD lr 0.005 (no momentum, no weight decay), shuffled minibatches of 16,
-  30 epochs, ``model.train()`` for the epoch and ``model.eval()`` (BatchNorm's running statistics)
-  for scoring; every epoch is scored on the *test* split only and the reported 75.18% is the test
-  accuracy printed after the 15th epoch, so the epoch is chosen on test. Ours: the same network and
-  optimizer, the epoch chosen on validation, and the caption embedding of every split an input
-  (``caption_x``), since FLIP's test images have captions of their own.
-  The ``*_imgs_text`` notebooks also fit scikit-learn's LogisticRegression, KNN and SVMs to the same
-  concatenation: logistic regression is ``probes.lbfgs_probe(hybrid_features(x, caption_x), ...)``,
-  k-NN ``knn_classifier(hybrid_features(...), ...)``.
-
-Where the caption of a test image comes from matters: it must describe the image without knowing its
-label (a human or a captioning model, as FLIP's CUB descriptions). GIST's matched captions are chosen
-among the descriptions of the image's *true class*, so using them for validation or test images would
-leak the label: ``caption_x`` of those splits must not come from caption matching.
-
-Heads (numpy in, numpy out; JAX inside; every hyperparameter chosen on the validation split only):
-
-- ``knn_classifier``: cosine k-NN; returns a ``KnnClassifier``.
-- ``centroid_classifier``: nearest class mean (SimpleShot's feature transforms); a ``CentroidClassifier``.
-- ``hybrid_head``: FLIP's image + caption MLP; a ``HybridHead``.
-
-Every result has ``predict_logits(...)`` (numpy [n, C] float32), ``predict``, ``hparams``,
-``val_accuracy``, ``grid`` / ``val_curve`` (each candidate's validation accuracy) and ``summary()``
-(a flat, JSON-ready dict). Accuracy is compared as integer counts; ties in validation accuracy go to
-the first candidate of the grid (the smallest k, the first transform, the earliest epoch).
+Numpy in, numpy out; JAX inside. Every hyperparameter (k, transform, epoch) is chosen on validation, ties
+to the first candidate of the grid (FLIP chose k and the epoch on test). Captions of val/test images must
+not come from caption matching, which reads the label. FLIP's notebooks, where we differ, and its
+caption-only fine-tuning (``jaxgist.methods.flip``, ``configs/flip.py``): docs/methods/flip.md.
 """
 
 from __future__ import annotations
@@ -56,11 +22,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxgist.core.arrays import HIGHEST, l2_normalize, matmul
 from jaxgist.heads import probes
+from jaxgist.heads.base import FittedHead
 
 __all__ = [
-    "KnnClassifier", "CentroidClassifier", "HybridHead", "knn_classifier", "centroid_classifier", "hybrid_head",
+    "KnnClassifier", "CentroidClassifier", "HybridHead", "HybridMLP", "BatchNorm1d", "knn_classifier",
+    "centroid_classifier", "hybrid_head",
     "hybrid_features",
     "DEFAULT_KNN_KS", "KNN_WEIGHTS", "CENTROID_TRANSFORMS",
 ]
@@ -70,13 +40,8 @@ DEFAULT_KNN_KS = tuple(range(1, 21))
 KNN_WEIGHTS = ("uniform", "similarity")
 CENTROID_TRANSFORMS = ("none", "l2n", "cl2n")
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # fp32 matmuls everywhere (no TF32 / bf16 passes on GPUs and TPUs)
 # Elements of one block of query-by-train similarities (bounds k-NN's memory).
 _KNN_BLOCK_ELEMENTS = 1 << 24
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,7 +50,7 @@ def _mm(a, b):
 
 
 @dataclasses.dataclass(frozen=True)
-class KnnClassifier(probes.FittedHead):
+class KnnClassifier(FittedHead):
     """Cosine k-NN over the (L2-normalized) training embeddings ``train_x``, with the chosen k.
 
     ``predict_logits(x)``: per class, the number of the k nearest training examples in that class
@@ -95,15 +60,9 @@ class KnnClassifier(probes.FittedHead):
     ``val_curve`` the validation accuracy of each.
     """
 
-    method: str
     train_x: np.ndarray
     train_y: np.ndarray
     num_classes: int
-    hparams: dict[str, Any]
-    val_accuracy: float
-    grid: np.ndarray
-    val_curve: np.ndarray
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def predict_logits(self, x) -> np.ndarray:
         """[n, C] float32 votes of image embeddings ``x`` [n, d]."""
@@ -117,7 +76,7 @@ class KnnClassifier(probes.FittedHead):
 
 
 @dataclasses.dataclass(frozen=True)
-class CentroidClassifier(probes.FittedHead):
+class CentroidClassifier(FittedHead):
     """Nearest class mean: ``logits = -||t(x) - centroid_c||^2`` with the chosen feature transform t.
 
     Transforms (SimpleShot's): ``"none"``; ``"l2n"``: x / ||x||; ``"cl2n"``: (x - m) / ||x - m||, m the
@@ -125,19 +84,13 @@ class CentroidClassifier(probes.FittedHead):
     of each class; a class without training examples has no centroid and gets logit -inf.
     """
 
-    method: str
     centroids: np.ndarray
     present: np.ndarray
     center: np.ndarray
-    hparams: dict[str, Any]
-    val_accuracy: float
-    grid: np.ndarray
-    val_curve: np.ndarray
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
-        return int(self.centroids.shape[0])
+        return len(self.present)  # one flag per class, with or without training examples
 
     def predict_logits(self, x) -> np.ndarray:
         """[n, C] float32 negative squared distances of embeddings ``x`` [n, d] to the centroids."""
@@ -149,25 +102,20 @@ class CentroidClassifier(probes.FittedHead):
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridHead(probes.FittedHead):
+class HybridHead(FittedHead):
     """FLIP's hybrid head: [x, caption_x] -> Linear -> ReLU -> BatchNorm -> Linear, in eval mode.
 
     ``params``: ``w1`` [d_image + d_caption, hidden], ``b1``, ``gamma``, ``beta`` (BatchNorm's affine
     parameters), ``w2`` [hidden, C], ``b2`` and BatchNorm's running statistics ``mean`` and ``var``,
-    all of the chosen (best validation) epoch. ``grid`` is epochs 1..E, ``val_curve`` the validation
+    all of the chosen (best validation) epoch: the variables of the ``HybridMLP`` (``_HYBRID_VARIABLES``),
+    as numpy arrays under FLIP's layer names. ``grid`` is epochs 1..E, ``val_curve`` the validation
     accuracy after each; ``extras``: ``train_loss`` (mean minibatch loss per epoch) and ``final_params``
     (those of the last epoch).
     """
 
-    method: str
     params: dict[str, np.ndarray]
     image_dim: int
     caption_dim: int
-    hparams: dict[str, Any]
-    val_accuracy: float
-    grid: np.ndarray
-    val_curve: np.ndarray
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -177,8 +125,8 @@ class HybridHead(probes.FittedHead):
         """[n, C] float32 logits of image embeddings ``x`` [n, d_image] and the embeddings of the same
         images' captions ``caption_x`` [n, d_caption] (BatchNorm in eval mode: running statistics)."""
         z = _hybrid_inputs(x, caption_x, "", self.image_dim, self.caption_dim)
-        return np.asarray(jax.device_get(_hybrid_eval_logits(
-            jax.tree.map(jnp.asarray, self.params), jnp.asarray(z), jnp.float32(self.hparams["bn_eps"]))))
+        model = _hybrid_model(self.params, self.hparams.get("bn_momentum", 0.1), self.hparams["bn_eps"])
+        return np.asarray(jax.device_get(_hybrid_eval_logits(model, jnp.asarray(z))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,7 +148,7 @@ def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     if zero.size:
         raise ValueError(f"{name} has {zero.size} all-zero row(s) (e.g. row {zero[0]}): cosine similarity is "
                          f"undefined for them")
-    return (x / norms).astype(np.float32)
+    return l2_normalize(x.astype(np.float64)).astype(np.float32)
 
 
 def _int_grid(values, name: str) -> tuple[int, ...]:
@@ -259,7 +207,7 @@ def _knn_votes(train_n, train_y, q, ks, temperature, *, kmax, num_classes, weigh
     the votes of the first k are the k-th row of the cumulative sum of the weighted one-hot labels, so
     one top-kmax search serves the whole grid.
     """
-    top, idx = jax.lax.top_k(_mm(train_n, q), kmax)
+    top, idx = jax.lax.top_k(matmul(train_n, q), kmax)
     if weights == "uniform":
         w = jnp.ones_like(top)
     else:  # exp(cos / T), divided by the constant exp(1 / T) so that a small T cannot overflow
@@ -336,7 +284,7 @@ def _transform(x, center, transform: str):
         return x
     if transform == "cl2n":
         x = x - center
-    return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    return l2_normalize(x)
 
 
 def _check_transformable(x: np.ndarray, center: np.ndarray, transform: str, name: str) -> None:
@@ -351,7 +299,7 @@ def _centroids(x, y, *, num_classes, transform):
     t = _transform(x, center, transform)
     onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
     counts = jnp.sum(onehot, axis=0)
-    sums = _mm(onehot.T, t)
+    sums = matmul(onehot.T, t)
     return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0, center
 
 
@@ -402,8 +350,80 @@ def centroid_classifier(train_x, train_y, val_x, val_y, num_classes: int, *,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The hybrid head.
+# The hybrid head: an NNX network, trained by a jitted SGD loop.
 # ---------------------------------------------------------------------------------------------------
+
+
+class BatchNorm1d(nnx.Module):
+    """PyTorch's ``BatchNorm1d`` over the rows of [B, features], as an NNX module.
+
+    Training mode (``use_running_average=False``): normalizes with the mean and the biased variance of
+    the batch (of the rows where ``mask`` [B] is set, when given) and updates the running statistics
+    as ``(1 - momentum) * running + momentum * batch``, the variance with the *unbiased* batch variance
+    (times m / (m - 1)), as PyTorch does; ``nnx.BatchNorm`` uses the biased one. Eval mode: normalizes
+    with the running statistics. ``momentum`` is in PyTorch's terms (0.1 is ``nnx.BatchNorm``'s 0.9).
+    Parameters ``scale`` (PyTorch's ``weight``) and ``bias``; statistics (``nnx.BatchStat``) ``mean``
+    and ``var``, initialized as PyTorch does (1, 0, 0, 1).
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5,
+                 use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum, self.eps = float(momentum), float(eps)
+        self.use_running_average = use_running_average
+
+    def __call__(self, x, use_running_average: bool | None = None, mask=None):
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
+            m = jnp.sum(w)
+            mean = jnp.sum(w[:, None] * x, axis=0) / m
+            var = jnp.sum(w[:, None] * jnp.square(x - mean), axis=0) / m
+            unbiased = var * m / jnp.maximum(m - 1.0, 1.0)
+            self.mean[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.mean[...] + self.momentum * mean)
+            self.var[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.var[...] + self.momentum * unbiased)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+def _torch_linear_init(fan_in: int):
+    """PyTorch's ``nn.Linear`` initialization of weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+class HybridMLP(nnx.Module):
+    """FLIP's hybrid network: Linear(d, hidden) -> ReLU -> BatchNorm1d(hidden) -> Linear(hidden, C),
+    initialized as PyTorch initializes these layers, matmuls in full float32. ``mask`` [B] (training
+    mode): the rows that count in BatchNorm's batch statistics."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, *, bn_momentum: float = 0.1,
+                 bn_eps: float = 1e-5, rngs: nnx.Rngs):
+        def linear(fan_in, fan_out):
+            init = _torch_linear_init(fan_in)
+            return nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=init, precision=HIGHEST, rngs=rngs)
+
+        self.hidden = linear(in_features, hidden)
+        self.norm = BatchNorm1d(hidden, momentum=bn_momentum, eps=bn_eps)
+        self.out = linear(hidden, num_classes)
+
+    def __call__(self, z, use_running_average: bool | None = None, mask=None):
+        return self.out(self.norm(jax.nn.relu(self.hidden(z)), use_running_average, mask))
+
+
+# ``HybridHead.params`` names (FLIP's layers) -> the HybridMLP variable that holds each.
+_HYBRID_VARIABLES = {"w1": ("hidden", "kernel"), "b1": ("hidden", "bias"), "gamma": ("norm", "scale"),
+                     "beta": ("norm", "bias"), "w2": ("out", "kernel"), "b2": ("out", "bias"),
+                     "mean": ("norm", "mean"), "var": ("norm", "var")}
 
 
 def _hybrid_keys(seed):
@@ -411,100 +431,83 @@ def _hybrid_keys(seed):
     return tuple(jax.random.split(jax.random.key(seed)))
 
 
-def _hybrid_init(init_key, d: int, hidden: int, num_classes: int) -> dict[str, jax.Array]:
-    """PyTorch's defaults: Linear weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm1d
-    weight 1, bias 0, running mean 0, running variance 1."""
-    k1, k2, k3, k4 = jax.random.split(init_key, 4)
-    b_in, b_hid = 1.0 / np.sqrt(d), 1.0 / np.sqrt(hidden)
-    uniform = functools.partial(jax.random.uniform, dtype=jnp.float32)
-    return {
-        "w1": uniform(k1, (d, hidden), minval=-b_in, maxval=b_in),
-        "b1": uniform(k2, (hidden,), minval=-b_in, maxval=b_in),
-        "gamma": jnp.ones((hidden,), jnp.float32),
-        "beta": jnp.zeros((hidden,), jnp.float32),
-        "w2": uniform(k3, (hidden, num_classes), minval=-b_hid, maxval=b_hid),
-        "b2": uniform(k4, (num_classes,), minval=-b_hid, maxval=b_hid),
-        "mean": jnp.zeros((hidden,), jnp.float32),
-        "var": jnp.ones((hidden,), jnp.float32),
-    }
+def _hybrid_init(init_key, d: int, hidden: int, num_classes: int, bn_momentum: float = 0.1,
+                 bn_eps: float = 1e-5) -> HybridMLP:
+    """The network ``hybrid_head`` starts from (PyTorch's initialization, drawn from ``init_key``)."""
+    return HybridMLP(d, hidden, num_classes, bn_momentum=bn_momentum, bn_eps=bn_eps, rngs=nnx.Rngs(params=init_key))
 
 
-_TRAINED = ("w1", "b1", "gamma", "beta", "w2", "b2")  # "mean" and "var" are statistics, not parameters
+def _hybrid_params(state) -> dict[str, np.ndarray]:
+    """The flat ``HybridHead.params`` dict (numpy) of a ``HybridMLP`` or of its ``nnx.State``."""
+    pure = nnx.to_pure_dict(state if isinstance(state, nnx.State) else nnx.state(state))
+    return {k: np.asarray(pure[layer][name]) for k, (layer, name) in _HYBRID_VARIABLES.items()}
 
 
-def _hybrid_train_forward(params, z, mask, bn_momentum, bn_eps):
-    """Training mode on one batch (rows where ``mask`` is set): (logits, running mean, running var).
-
-    BatchNorm1d in training mode: normalization by the batch mean and the biased batch variance;
-    running statistics updated as (1 - momentum) * running + momentum * batch, with the unbiased
-    variance (m / (m - 1)) for the running variance, as PyTorch does.
-    """
-    h = jax.nn.relu(_mm(z, params["w1"]) + params["b1"])
-    w = mask.astype(jnp.float32)
-    m = jnp.sum(w)
-    mean = jnp.sum(w[:, None] * h, axis=0) / m
-    var = jnp.sum(w[:, None] * jnp.square(h - mean), axis=0) / m
-    y = (h - mean) * jax.lax.rsqrt(var + bn_eps) * params["gamma"] + params["beta"]
-    logits = _mm(y, params["w2"]) + params["b2"]
-    unbiased = var * m / jnp.maximum(m - 1.0, 1.0)
-    running_mean = (1.0 - bn_momentum) * params["mean"] + bn_momentum * mean
-    running_var = (1.0 - bn_momentum) * params["var"] + bn_momentum * unbiased
-    return logits, jax.lax.stop_gradient(running_mean), jax.lax.stop_gradient(running_var)
+def _hybrid_model(params: dict[str, Any], bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> HybridMLP:
+    """A ``HybridMLP`` holding the flat ``params`` (``HybridHead.params``)."""
+    (d, hidden), num_classes = np.shape(params["w1"]), np.shape(params["w2"])[1]
+    model = nnx.eval_shape(lambda: HybridMLP(d, hidden, num_classes, bn_momentum=bn_momentum, bn_eps=bn_eps,
+                                             rngs=nnx.Rngs(0)))
+    nested: dict[str, dict[str, jax.Array]] = {}
+    for k, (layer, name) in _HYBRID_VARIABLES.items():
+        nested.setdefault(layer, {})[name] = jnp.asarray(params[k], jnp.float32)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, nested)
+    nnx.update(model, state)
+    return model
 
 
-def _hybrid_eval_forward(params, z, bn_eps):
-    """Eval mode: BatchNorm normalizes with its running statistics."""
-    h = jax.nn.relu(_mm(z, params["w1"]) + params["b1"])
-    y = (h - params["mean"]) * jax.lax.rsqrt(params["var"] + bn_eps) * params["gamma"] + params["beta"]
-    return _mm(y, params["w2"]) + params["b2"]
+@nnx.jit
+def _hybrid_eval_logits(model: HybridMLP, z):
+    return model(z, use_running_average=True)
 
 
-_hybrid_eval_logits = jax.jit(_hybrid_eval_forward)
-
-
-@functools.partial(jax.jit, static_argnames=("hidden", "num_classes", "epochs", "batch_size"))
-def _hybrid_train(z, y, zv, yv, init_key, shuffle_key, lr, bn_momentum, bn_eps, *, hidden, num_classes, epochs,
-                  batch_size):
+@functools.partial(jax.jit, static_argnames=("hidden", "num_classes", "epochs", "batch_size", "bn_momentum",
+                                             "bn_eps"))
+def _hybrid_train(z, y, zv, yv, init_key, shuffle_key, lr, *, hidden, num_classes, epochs, batch_size, bn_momentum,
+                  bn_eps):
+    """Every epoch of SGD in one ``lax.scan``: (best state, final state, best epoch, val counts [E], mean
+    train loss [E]); states are the ``nnx.State`` of the network (parameters and BatchNorm statistics)."""
     n, d = z.shape
     num_batches = -(-n // batch_size)
     padded = num_batches * batch_size
     valid = (jnp.arange(padded) < n).reshape(num_batches, batch_size)
-    params0 = _hybrid_init(init_key, d, hidden, num_classes)
+    graphdef, params0, stats0 = nnx.split(_hybrid_init(init_key, d, hidden, num_classes, bn_momentum, bn_eps),
+                                          nnx.Param, nnx.BatchStat)
 
-    def batch_loss(trained, stats, zb, yb, mask):
-        logits, mean, var = _hybrid_train_forward({**trained, **stats}, zb, mask, bn_momentum, bn_eps)
+    def batch_loss(params, stats, zb, yb, mask):
+        net = nnx.merge(graphdef, params, stats, copy=True)  # fresh variables: this trace may update them
+        logits = net(zb, use_running_average=False, mask=mask)  # updates net's running statistics
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1)[:, 0]
-        return jnp.sum(nll * mask) / jnp.sum(mask), (mean, var)  # CrossEntropyLoss's mean over real rows
+        return jnp.sum(nll * mask) / jnp.sum(mask), nnx.state(net, nnx.BatchStat)  # the mean over real rows
 
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
-    def sgd_step(params, batch):
+    def sgd_step(carry, batch):
+        params, stats = carry
         idx, mask = batch
-        trained = {k: params[k] for k in _TRAINED}
-        stats = {"mean": params["mean"], "var": params["var"]}
-        (loss, (mean, var)), grads = grad_fn(trained, stats, z[idx], y[idx], mask)
-        new = {k: trained[k] - lr * grads[k] for k in _TRAINED}
-        new.update(mean=mean, var=var)
+        (loss, new_stats), grads = grad_fn(params, stats, z[idx], y[idx], mask)
+        new_params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
         # A batch of one example has no batch variance (PyTorch's BatchNorm1d refuses it in training
         # mode): it is skipped. Only the last, partial batch can be that small.
         used = jnp.sum(mask) >= 2
-        params = jax.tree.map(lambda a, b: jnp.where(used, a, b), new, params)
-        return params, (jnp.where(used, loss, 0.0), used)
+        carry = jax.tree.map(lambda new, old: jnp.where(used, new, old), (new_params, new_stats), carry)
+        return carry, (jnp.where(used, loss, 0.0), used)
 
     def epoch(carry, e):
-        params, best, best_count, best_epoch = carry
+        state, best, best_count, best_epoch = carry
         order = jnp.pad(probes._epoch_order(shuffle_key, e, n), (0, padded - n)).reshape(num_batches, batch_size)
-        params, (losses, used) = jax.lax.scan(sgd_step, params, (order, valid))
-        count = probes._count_correct(_hybrid_eval_forward(params, zv, bn_eps), yv)
+        state, (losses, used) = jax.lax.scan(sgd_step, state, (order, valid))
+        count = probes._count_correct(nnx.merge(graphdef, *state)(zv, use_running_average=True), yv)
         better = count > best_count  # ties keep the earlier epoch
-        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-        carry = (params, best, jnp.where(better, count, best_count), jnp.where(better, e + 1, best_epoch))
+        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), state, best)
+        carry = (state, best, jnp.where(better, count, best_count), jnp.where(better, e + 1, best_epoch))
         return carry, (count, jnp.sum(losses) / jnp.sum(used))
 
-    carry0 = (params0, params0, jnp.int32(-1), jnp.int32(0))
+    state0 = (params0, stats0)
     (final, best, _, best_epoch), (counts, losses) = jax.lax.scan(
-        epoch, carry0, jnp.arange(epochs, dtype=jnp.int32))
-    return best, final, best_epoch, counts, losses
+        epoch, (state0, state0, jnp.int32(-1), jnp.int32(0)), jnp.arange(epochs, dtype=jnp.int32))
+    return nnx.merge_state(*best), nnx.merge_state(*final), best_epoch, counts, losses
 
 
 def hybrid_head(train_x, train_caption_x, train_y, val_x, val_caption_x, val_y, num_classes: int, *,
@@ -540,14 +543,14 @@ def hybrid_head(train_x, train_caption_x, train_y, val_x, val_caption_x, val_y, 
     if not np.isfinite(bn_eps) or bn_eps <= 0:
         raise ValueError(f"bn_eps must be finite and > 0, got {bn_eps!r}")
     best, final, best_epoch, counts, losses = jax.device_get(_hybrid_train(
-        train_z, train_y, val_z, val_y, *_hybrid_keys(seed), jnp.float32(lr), jnp.float32(bn_momentum),
-        jnp.float32(bn_eps), hidden=hidden, num_classes=num_classes, epochs=epochs, batch_size=batch_size))
+        train_z, train_y, val_z, val_y, *_hybrid_keys(seed), jnp.float32(lr), hidden=hidden, num_classes=num_classes,
+        epochs=epochs, batch_size=batch_size, bn_momentum=float(bn_momentum), bn_eps=float(bn_eps)))
     curve = np.asarray(counts, dtype=np.float64) / len(val_y)
     best_epoch = int(best_epoch)
     return HybridHead(
-        method="hybrid", params={k: np.asarray(v) for k, v in best.items()}, image_dim=int(image_dim),
+        method="hybrid", params=_hybrid_params(best), image_dim=int(image_dim),
         caption_dim=int(caption_dim),
         hparams={"epoch": best_epoch, "lr": float(lr), "epochs": epochs, "batch_size": batch_size, "hidden": hidden,
                  "bn_momentum": float(bn_momentum), "bn_eps": float(bn_eps), "seed": seed},
         val_accuracy=float(curve[best_epoch - 1]), grid=np.arange(1, epochs + 1), val_curve=curve,
-        extras={"train_loss": np.asarray(losses), "final_params": {k: np.asarray(v) for k, v in final.items()}})
+        extras={"train_loss": np.asarray(losses), "final_params": _hybrid_params(final)})

@@ -1,49 +1,33 @@
 """Linear probes on frozen embeddings: GIST's SGD probe, closed-form ridge, and L-BFGS logistic regression.
 
-Every probe has the signature ``probe(train_x, train_y, val_x, val_y, num_classes, **options)`` (numpy
-in) and returns a ``LinearProbe``: the fitted ``weights`` [d, C] and ``bias`` [C] in the space of the
-given features, the chosen hyperparameters, the validation accuracy of every candidate, and
-``predict_logits(x)`` (numpy out). Hyperparameters (epoch, L2 strength) are chosen on the validation
-split only: test data never enters a probe. Training runs in JAX, jitted, with the data on the device.
+    probe = probes.sgd_probe(train_x, train_y, val_x, val_y, num_classes)   # or ridge_probe, lbfgs_probe
+    logits = probe.predict_logits(test_x)     # [n, C] float32: test_x @ probe.weights + probe.bias
+    probe.hparams["epoch"], probe.val_curve   # the chosen epoch (ridge, L-BFGS: "l2"), every candidate's val acc
 
-- ``sgd_probe``: GIST's ``linear_probe.py`` reproduced: a linear layer initialized like PyTorch's
-  ``nn.Linear``, mean cross-entropy, plain SGD (lr 0.5, no momentum, no weight decay), 1000 epochs of
-  shuffled minibatches of 64 (the last one partial, as a ``DataLoader`` without ``drop_last`` gives),
-  raw (unnormalized) features, validation accuracy after every epoch, and the weights of the best
-  validation epoch kept (the latest one on ties: GIST compares with ``>=``). All epochs run in one
-  ``lax.scan`` on the device.
-- ``ridge_probe``: least squares to one-hot targets with an L2 penalty on the weights, bias
-  unpenalized (features and targets are centered, which is exactly that), on standardized features by
-  default. One eigendecomposition of the smaller Gram matrix (X^T X or X X^T) serves the whole L2 grid:
-  each L2 costs a diagonal rescaling and a matmul (the idea of big_vision's ``fewshot_lsr``).
-- ``lbfgs_probe``: multinomial logistic regression, mean cross-entropy + (l2 / 2) * ||W||^2 (bias
-  unpenalized), on standardized features by default, fitted by L-BFGS (optax, zoom line search): one
-  compiled while-loop solve per L2, from the strongest penalty down, each warm-started from the
-  previous minimizer. The problem is solved in a preconditioned basis (the eigenvectors of X^T X on
-  the span of the training rows, rescaled by the curvature the loss has there): the same minimizer,
-  fewer iterations, and min(n, d) instead of d unknowns per class when there are fewer examples than
-  dimensions. The loss is computed as softplus(logsumexp of the margins to the label's logit), which
-  stays accurate in float32 when it is tiny (near-separable data, small L2), where the textbook
-  logsumexp(logits) - logit_label cancels and L-BFGS would stall.
-
-Ties in validation accuracy (compared as integer counts, never as floats): SGD takes the later epoch
-(GIST's rule), L-BFGS the larger L2 (the simpler model), ridge the L2 of lowest validation squared
-error (its own loss; then the larger L2). Ridge needs the finer rule: on near-separable data its
-validation accuracy often plateaus up to L2s so large that the fit degenerates toward class means.
+Numpy in, numpy out (a ``LinearProbe``); trained in JAX, jitted, data on the device. Hyperparameters are
+chosen on the validation split only. ``sgd_probe`` is GIST's ``linear_probe.py`` (PyTorch ``nn.Linear``
+init, SGD lr 0.5, 1000 epochs, batches of 64, raw features, the best validation epoch, the later one on
+ties); ``ridge_probe`` serves its whole L2 grid from one eigendecomposition; ``lbfgs_probe`` solves each
+L2 (strongest first, warm-started) in a preconditioned basis (``precondition``: the eigenvectors of
+X^T X on the span of the training rows, rescaled by the loss's curvature: same minimizer, fewer steps).
+Details, tie rules and measured parity: docs/methods/gist.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["LinearProbe", "sgd_probe", "ridge_probe", "lbfgs_probe", "DEFAULT_RIDGE_L2", "DEFAULT_LBFGS_L2"]
+from jaxgist.core.arrays import matmul
+from jaxgist.heads.base import FittedHead
+
+__all__ = ["FittedHead", "LinearProbe", "sgd_probe", "ridge_probe", "lbfgs_probe", "DEFAULT_RIDGE_L2", "DEFAULT_LBFGS_L2"]
 
 # Ridge L2 grid, relative to the mean eigenvalue of the (standardized, centered) Gram matrix, i.e.
 # ||X||_F^2 / d; the chosen absolute value is reported.
@@ -55,39 +39,10 @@ DEFAULT_LBFGS_L2 = tuple(np.logspace(-7.0, 0.0, 15))
 # L-BFGS stops after this many consecutive steps that do not lower the objective.
 _STALL_ITERATIONS = 5
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # fp32 matmuls everywhere (no TF32 / bf16 passes on GPUs and TPUs)
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
 
 # ---------------------------------------------------------------------------------------------------
 # The result.
 # ---------------------------------------------------------------------------------------------------
-
-
-class FittedHead:
-    """What every fitted head shares (probes here, and the heads of ``flip``, ``tip_adapter``):
-    ``predict`` from ``predict_logits``, and ``summary`` of ``method``, ``val_accuracy`` and ``hparams``."""
-
-    method: str
-    hparams: dict[str, Any]
-    val_accuracy: float
-
-    def predict_logits(self, *inputs) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def predict(self, *inputs) -> np.ndarray:
-        """[n] predicted class indices (argmax of the logits; ties to the lower class index)."""
-        return np.argmax(self.predict_logits(*inputs), axis=1)
-
-    def summary(self) -> dict[str, Any]:
-        """A flat, JSON-ready dict: method, chosen hyperparameters, validation top-1."""
-        out: dict[str, Any] = {"method": self.method, "val_top1": float(self.val_accuracy)}
-        for key, value in self.hparams.items():
-            out[key] = value.item() if isinstance(value, np.generic) else value
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +53,8 @@ class LinearProbe(FittedHead):
     accuracy of each, ``hparams`` the chosen values (``l2`` or ``epoch``) and the fixed settings.
     """
 
-    method: str
     weights: np.ndarray
     bias: np.ndarray
-    hparams: dict[str, Any]
-    val_accuracy: float
-    grid: np.ndarray
-    val_curve: np.ndarray
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -244,7 +193,7 @@ def _sgd_train(x, y, xv, yv, init_key, shuffle_key, lr, *, num_classes, epochs, 
 
     def batch_loss(params, xb, yb, mask):
         w, b = params
-        logits = _mm(xb, w) + b
+        logits = matmul(xb, w) + b
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1)[:, 0]
         return jnp.sum(nll * mask) / jnp.sum(mask)  # CrossEntropyLoss's mean, over the real rows
 
@@ -260,7 +209,7 @@ def _sgd_train(x, y, xv, yv, init_key, shuffle_key, lr, *, num_classes, epochs, 
         params, best, best_count, best_epoch = carry
         order = jnp.pad(_epoch_order(shuffle_key, e, n), (0, padded - n)).reshape(num_batches, batch_size)
         params, losses = jax.lax.scan(sgd_step, params, (order, valid))
-        count = _count_correct(_mm(xv, params[0]) + params[1], yv)
+        count = _count_correct(matmul(xv, params[0]) + params[1], yv)
         better = count >= best_count
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
         carry = (params, best, jnp.where(better, count, best_count), jnp.where(better, e + 1, best_epoch))
@@ -315,27 +264,27 @@ def _ridge_fit(x, y, xv, yv, l2s, *, num_classes, standardize, relative):
     #   n >= d:  (X^T X + l2 I)^-1 X^T Y,   X^T X = Q diag(e) Q^T,  lhs = Q,       rhs = Q^T X^T Y
     #   n <  d:  X^T (X X^T + l2 I)^-1 Y,   X X^T = Q diag(e) Q^T,  lhs = X^T Q,   rhs = Q^T Y
     if n >= d:
-        eigs, q = jnp.linalg.eigh(_mm(xs.T, xs))
-        lhs, rhs = q, _mm(q.T, _mm(xs.T, yc))
+        eigs, q = jnp.linalg.eigh(matmul(xs.T, xs))
+        lhs, rhs = q, matmul(q.T, matmul(xs.T, yc))
     else:
-        eigs, q = jnp.linalg.eigh(_mm(xs, xs.T))
-        lhs, rhs = _mm(xs.T, q), _mm(q.T, yc)
+        eigs, q = jnp.linalg.eigh(matmul(xs, xs.T))
+        lhs, rhs = matmul(xs.T, q), matmul(q.T, yc)
     eigs = jnp.maximum(eigs, 0.0)
     l2s = l2s * (jnp.sum(eigs) / d if relative else 1.0)
 
-    projected = _mm((xv - mean) / scale, lhs)  # [nv, r]: validation features in the eigenbasis
+    projected = matmul((xv - mean) / scale, lhs)  # [nv, r]: validation features in the eigenbasis
 
     val_onehot = jax.nn.one_hot(yv, num_classes, dtype=jnp.float32)
 
     def val_scores(l2):
-        logits = _mm(projected / (eigs + l2), rhs) + prior
+        logits = matmul(projected / (eigs + l2), rhs) + prior
         return _count_correct(logits, yv), jnp.sum(jnp.square(logits - val_onehot))
 
     counts, errors = jax.lax.map(val_scores, l2s, batch_size=8)
     best = _best_on_val(counts, errors)
-    w_std = _mm(lhs / (eigs + l2s[best]), rhs)
+    w_std = matmul(lhs / (eigs + l2s[best]), rhs)
     weights = w_std / scale[:, None]
-    bias = prior - _mm(mean / scale, w_std)
+    bias = prior - matmul(mean / scale, w_std)
     return weights, bias, l2s, counts, best
 
 
@@ -379,13 +328,13 @@ def _row_space_basis(xs):
     """
     n, d = xs.shape
     if n >= d:
-        eigs, basis = jnp.linalg.eigh(_mm(xs.T, xs) / n)
+        eigs, basis = jnp.linalg.eigh(matmul(xs.T, xs) / n)
         return jnp.maximum(eigs, 0.0), basis
-    eigs, q = jnp.linalg.eigh(_mm(xs, xs.T) / n)
+    eigs, q = jnp.linalg.eigh(matmul(xs, xs.T) / n)
     eigs = jnp.maximum(eigs, 0.0)
     keep = eigs > 1e-6 * jnp.max(eigs)
     inv_norm = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, n * eigs, 1.0)), 0.0)
-    return jnp.where(keep, eigs, 0.0), _mm(xs.T, q) * inv_norm
+    return jnp.where(keep, eigs, 0.0), matmul(xs.T, q) * inv_norm
 
 
 @functools.partial(jax.jit, static_argnames=("standardize", "precondition"))
@@ -399,7 +348,7 @@ def _lbfgs_prepare(x, xv, *, standardize, precondition):
     # The eigenbasis of X^T X / n restricted to the span of the training rows, where the minimizer lies
     # (the loss gradient is X^T G and the penalty is rotation invariant).
     eigs, basis = _row_space_basis(xs)
-    return _mm(xs, basis), _mm(xvs, basis), eigs, basis, mean, scale
+    return matmul(xs, basis), matmul(xvs, basis), eigs, basis, mean, scale
 
 
 @functools.partial(jax.jit, static_argnames=("precondition", "max_iter"))
@@ -416,7 +365,7 @@ def _lbfgs_solve(xs, y, xvs, yv, eigs, l2, warm_w, warm_b, tol, *, precondition,
     def objective(params):
         v, b = params
         w = c[:, None] * v
-        logits = _mm(xs, w) + b
+        logits = matmul(xs, w) + b
         # -log softmax(logits)[y] = softplus(logsumexp_{j != y}(logits_j - logits_y)): accurate when the
         # loss is tiny (nearly separable data, small l2), where logsumexp(logits) - logits_y cancels.
         margins = logits - jnp.take_along_axis(logits, y[:, None], axis=1)
@@ -449,16 +398,16 @@ def _lbfgs_solve(xs, y, xvs, yv, eigs, l2, warm_w, warm_b, tol, *, precondition,
     params, state, iters, _ = jax.lax.while_loop(not_done, step, (params, state, jnp.int32(0), jnp.int32(0)))
     v, b = params
     w = c[:, None] * v
-    return w, b, _count_correct(_mm(xvs, w) + b, yv), iters, optax.tree.get(state, "value")
+    return w, b, _count_correct(matmul(xvs, w) + b, yv), iters, optax.tree.get(state, "value")
 
 
 @jax.jit
 def _lbfgs_weights(w, b, basis, mean, scale):
     """Back from the (rotated) standardized space to the given features."""
     if basis is not None:
-        w = _mm(basis, w)
+        w = matmul(basis, w)
     weights = w / scale[:, None]
-    return weights, b - _mm(mean / scale, w)
+    return weights, b - matmul(mean / scale, w)
 
 
 def lbfgs_probe(train_x, train_y, val_x, val_y, num_classes: int, *, l2s: Sequence[float] | None = None,

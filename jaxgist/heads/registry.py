@@ -16,40 +16,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxgist.heads import coder
-from jaxgist.evaluation import accuracy as evaluation
-from jaxgist.heads import flip
-from jaxgist.heads import tip_adapter
+from jaxgist.core.arrays import l2_normalize
+from jaxgist.evaluation import accuracy
+from jaxgist.heads import coder, flip, tip_adapter
 
 HEADS = ("tip_adapter", "tip_adapter_f", "coder", "coder_rerank", "coder_tip_adapter", "knn", "centroid")
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def knowledge_for(class_names, *, path: str = "", attributes: str = "") -> coder.Knowledge:
-    """The CODER knowledge of a dataset: a knowledge file if given, generated from the synthetic
-    dataset's drawn attributes if available, else a minimal one from the class names."""
+def knowledge_for(class_names, *, path: str = "") -> coder.Knowledge:
+    """The CODER knowledge of a dataset: its knowledge file if given (checked against ``class_names``),
+    else a minimal one generated from the class names."""
     if path:
         return coder.load_knowledge(path, class_names=class_names)
-    if attributes:
-        return coder.knowledge_from_synthetic(attributes)
     return coder.knowledge_from_class_names(class_names, pairs="analogous")
 
 
 def knowledge_arrays(model, knowledge: coder.Knowledge, tokenize) -> dict[str, np.ndarray]:
     """Unit embeddings of the knowledge texts and of the one-to-one pair texts under ``model``: the
     arrays cached by the embed stage (``load_knowledge_embeddings`` rebuilds the CODER object)."""
-    from jaxgist.evaluation import embeddings
-
-    texts = coder.knowledge_texts(knowledge)
-    everything = list(texts.texts) + list(texts.pair_texts)
-    unique = list(dict.fromkeys(everything))  # repeated strings are encoded once
-    row = {t: i for i, t in enumerate(unique)}
-    emb = embeddings.encode_texts(model, tokenize(unique))[np.asarray([row[t] for t in everything], np.int64)]
-    n = len(texts.texts)
-    return {"coder_text_emb": emb[:n], "coder_pair_emb": emb[n:]}
+    text_emb, pair_emb = coder.encode_knowledge_texts(model, coder.knowledge_texts(knowledge), tokenize)
+    return {"coder_text_emb": text_emb, "coder_pair_emb": pair_emb}
 
 
 def load_knowledge_embeddings(knowledge: coder.Knowledge, cached: dict[str, np.ndarray]) -> coder.KnowledgeEmbeddings:
@@ -69,8 +55,8 @@ def run(heads, splits: dict[str, dict[str, np.ndarray]], text_weights: np.ndarra
     if unknown:
         raise ValueError(f"unknown head(s) {unknown}; heads are {HEADS}")
     tr, va, te = splits["train"], splits["val"], splits["test"]
-    xtr, xva, xte = _unit(tr["x"]), _unit(va["x"]), _unit(te["x"])
-    views = _unit(splits["trainviews"]["x"]) if "trainviews" in splits else xtr
+    xtr, xva, xte = l2_normalize(tr["x"]), l2_normalize(va["x"]), l2_normalize(te["x"])
+    views = l2_normalize(splits["trainviews"]["x"]) if "trainviews" in splits else xtr
     num_classes = text_weights.shape[0]
     fits: dict[str, Callable[[], tuple[np.ndarray, dict[str, Any]]]] = {}
 
@@ -112,7 +98,7 @@ def run(heads, splits: dict[str, dict[str, np.ndarray]], text_weights: np.ndarra
     for head in heads:
         t0 = time.perf_counter()
         logits, chosen = fits[head]()
-        metrics = evaluation.accuracy_summary(logits, te["y"], resamples=bootstrap, seed=seed)
+        metrics = accuracy.accuracy_summary(logits, te["y"], resamples=bootstrap, seed=seed)
         metrics.update(chosen)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
         out[head] = metrics

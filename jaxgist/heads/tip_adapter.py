@@ -1,63 +1,20 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022) on frozen CLIP embeddings.
-
-Tip-Adapter adds a cache model, built from the few-shot training set, to zero-shot CLIP:
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022) on frozen CLIP embeddings: zero-shot CLIP
+plus a cache model of the few-shot training set,
 
     logits(x) = 100 * x @ W.T + alpha * exp(-beta * (1 - x @ K.T)) @ V
 
-- ``x`` [n, D]: image embeddings. Every public function L2-normalizes their rows first, so ``x @ K.T``
-  is a cosine similarity (the reference feeds unit-norm features; jaxgist's embeddings already are).
-- ``W`` [C, D]: one text embedding per class (``zero_shot.class_embeddings``: unit rows), used as given.
-- ``K`` [N, D]: cache keys, one per training image (``build_cache``: unit rows); ``V`` [N, C]: cache
-  values, the one-hot labels. Keys are used as given: Tip-Adapter-F's trained keys are not
-  renormalized, as in the reference.
-- 100 is CLIP's logit scale; ``alpha`` weighs the cache against zero-shot CLIP, ``beta`` sharpens the
-  affinities.
+``x`` [n, D] rows L2-normalized first; class text embeddings ``W`` [C, D], cache keys ``K`` [N, D] and
+one-hot values ``V`` [N, C] used as given (Tip-Adapter-F's trained keys are not renormalized).
 
-This is the reference's (GitHub gaopengcuhk/Tip-Adapter) formula with its matrices transposed (it keeps
-``W`` as [D, C] and ``K`` as [D, N]) and ``exp(-(beta - beta * a))`` written ``exp(-beta * (1 - a))``.
+    keys, values = tip_adapter.build_cache(train_views, train_y, num_classes)   # views [V, N, D] or [N, D]
+    found = tip_adapter.search(val_x, val_y, text_weights, keys, values)        # GridSearch of every (beta, alpha)
+    head = tip_adapter.tip_adapter(train_views, train_y, val_x, val_y, text_weights)   # or tip_adapter_f(...)
+    logits = head.predict_logits(test_x)                                        # head.alpha, head.beta, head.summary()
 
-Public API (numpy in, numpy out; JAX inside, jitted):
-- ``build_cache(train_x, train_y, num_classes)``: keys = the training embeddings averaged over
-  augmented views ([V, N, D], or [N, D] for one view), rows L2-normalized; values = one-hot [N, C].
-- ``tip_logits(x, text_weights, keys, values, alpha, beta)``: the formula above, [n, C] float32.
-- ``search(val_x, val_y, text_weights, keys, values, alphas, betas)``: validation accuracy of every
-  (beta, alpha) of the grid in one compiled program, returned as a ``GridSearch``.
-- ``tip_adapter(...)`` (training-free) and ``tip_adapter_f(...)`` (keys fine-tuned) return a
-  ``TipAdapter``: ``predict_logits``, ``predict``, ``hparams``, ``val_accuracy``, ``summary()``.
-- ``reference_grid(scale, steps)``: the reference's grid, ``DEFAULT_ALPHAS``, ``DEFAULT_BETAS``.
-
-Hyperparameters are chosen on the validation split only; test data never enters these functions
-(evaluate with ``evaluation.accuracy_summary(result.predict_logits(test_x), test_y)``).
-
-Grid search. The reference loops in Python over betas, then alphas, recomputing the affinities, the
-zero-shot logits and the cache logits for each pair. Here the affinities and the zero-shot logits are
-computed once, the cache logits once per beta, and each alpha costs one fused multiply-add and
-comparison, all in one jitted program: ``lax.map`` over betas, and over alphas one at a time on CPUs
-(the [n, C] logits stay in cache) or vmapped on accelerators; a validation set too large for the
-[n, N] affinities to fit ``_SEARCH_BUDGET`` is processed in chunks of rows whose counts add up.
-When the values are one-hot (always, from ``build_cache``), the cache is regrouped by class (keys sorted
-by label, each class padded with zero keys to the size of the largest, their exp(-beta) terms subtracted
-again) and ``exp(...) @ V`` becomes a sum over each class's block of columns: the same numbers (up to
-float rounding) without the [n, N] x [N, C] matmul per beta. Accuracies are integer counts of correct
-examples (``argmax``'s rule: the first maximum wins, as everywhere in jaxgist). Ties between grid
-points: the first maximum in (beta, alpha) row-major order of the grids sorted ascending, i.e. the
-smallest beta, then the smallest alpha; this is also what the reference's ``acc > best_acc`` scan
-keeps, since its grids ascend.
-On 2 shared CPU cores the 500 x 50 grid of ``bench/adapters.py`` (200 classes, 16 shots, 800
-validation images) takes about 1.4 s, against about 20 minutes for the reference's loop.
-
-Tip-Adapter-F follows the reference's ``run_tip_adapter_F``: the keys are the weight of a bias-free
-linear layer initialized from the cache keys (values and text weights frozen), trained with mean
-cross-entropy of the Tip-Adapter logits at a fixed (alpha, beta), AdamW (lr 1e-3, eps 1e-4 and
-PyTorch's defaults betas (0.9, 0.999), weight decay 0.01), a cosine schedule over all steps (PyTorch's
-``CosineAnnealingLR`` stepped per batch, down to 0), 20 epochs of shuffled batches of 256 (the last one
-partial), epoch ``e`` reading augmented view ``e mod V``. After every epoch the validation accuracy is
-measured and the keys of the best epoch are kept (the earliest on ties, as the reference's ``>``); then
-(alpha, beta) are searched on validation with those keys. Two departures, both for honesty or
-convenience: the reference picks the epoch on the *test* set, here it is the validation set; and when
-``init_alpha``/``init_beta`` are not given, the training (alpha, beta) are the training-free
-Tip-Adapter's choice on validation instead of the reference's hand-set per-dataset constants (beta 1,
-alpha 1.17 for ImageNet, 3 for Cars, 5 for FGVC, 10 for Flowers). All epochs run in one ``lax.scan``.
+Numpy in, numpy out; JAX inside, jitted. Everything is chosen on validation: (alpha, beta) by one
+compiled grid search (ties to the smallest beta, then the smallest alpha), and for -F the epoch of the
+keys trained with AdamW and a cosine schedule (ties to the earliest). The reference's code, where this
+differs from it (the epoch on validation, not test) and measured speed: docs/methods/tip_adapter.md.
 """
 
 from __future__ import annotations
@@ -71,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgist.heads import probes
-from jaxgist.heads.probes import _features, _labels
+from jaxgist.core.arrays import l2_normalize, matmul
+from jaxgist.heads.base import FittedHead
+from jaxgist.heads.probes import _features, _labels, _positive_int
 
 __all__ = ["TipAdapter", "GridSearch", "build_cache", "tip_logits", "search", "tip_adapter", "tip_adapter_f",
            "reference_grid", "DEFAULT_ALPHAS", "DEFAULT_BETAS", "LOGIT_SCALE"]
@@ -95,13 +53,8 @@ def reference_grid(scale: float, steps: int) -> tuple[float, ...]:
 DEFAULT_BETAS = reference_grid(12.0, 200)
 DEFAULT_ALPHAS = reference_grid(10.0, 20)
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # fp32 matmuls (no TF32 / bf16 passes on GPUs and TPUs)
 # Largest intermediate of one grid-search step, in float32 elements (64 MiB); the chunks follow from it.
 _SEARCH_BUDGET = 1 << 24
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,7 +78,7 @@ class GridSearch:
 
 
 @dataclasses.dataclass(frozen=True)
-class TipAdapter(probes.FittedHead):
+class TipAdapter(FittedHead):
     """A Tip-Adapter (``method`` "tip_adapter") or Tip-Adapter-F ("tip_adapter_f") and how it was chosen.
 
     ``text_weights`` [C, D], ``keys`` [N, D] (trained ones for -F, in the order of the training
@@ -135,14 +88,10 @@ class TipAdapter(probes.FittedHead):
     per-epoch curves.
     """
 
-    method: str
     text_weights: np.ndarray
     keys: np.ndarray
     values: np.ndarray
-    hparams: dict[str, Any]
-    val_accuracy: float
     grid_search: GridSearch
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def alpha(self) -> float:
@@ -236,12 +185,6 @@ def _grid(values, name: str) -> np.ndarray:
     return np.sort(grid)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value) or value <= 0:
@@ -313,12 +256,8 @@ class _Cache:
         return out
 
 
-def _unit(x):
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _clip_logits(x, text):
-    return LOGIT_SCALE * _mm(x, text.T)
+    return LOGIT_SCALE * matmul(x, text.T)
 
 
 def _cache_logits(affinity, beta, values, pads, num_classes: int):
@@ -327,7 +266,7 @@ def _cache_logits(affinity, beta, values, pads, num_classes: int):
     backend runs several times faster)."""
     weights = jnp.exp(-beta * (1.0 - affinity))
     if values is not None:
-        return _mm(weights, values)
+        return matmul(weights, values)
     per_class = weights.shape[-1] // num_classes
     sums = jnp.sum(weights.reshape(weights.shape[:-1] + (num_classes, per_class)), axis=-1)
     return sums if pads is None else sums - pads * jnp.exp(-beta)
@@ -354,8 +293,8 @@ def _count_correct(logits, labels, valid=None):
 
 @jax.jit
 def _logits(x, text, keys, values, pads, alpha, beta):
-    x = _unit(x)
-    return _combine(_clip_logits(x, text), _cache_logits(_mm(x, keys.T), beta, values, pads, text.shape[0]), alpha)
+    x = l2_normalize(x)
+    return _combine(_clip_logits(x, text), _cache_logits(matmul(x, keys.T), beta, values, pads, text.shape[0]), alpha)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +319,7 @@ def build_cache(train_x_views, train_y, num_classes: int) -> tuple[np.ndarray, n
     if (norms == 0).any():
         raise ValueError(f"{int((norms == 0).sum())} training example(s) average to a zero embedding")
     values = np.eye(num_classes, dtype=np.float32)[labels]
-    return (keys / norms).astype(np.float32), values
+    return l2_normalize(keys).astype(np.float32), values
 
 
 def tip_logits(x, text_weights, keys, values, alpha: float, beta: float) -> np.ndarray:
@@ -411,9 +350,9 @@ def _grid_counts(x, y, valid, text, keys, values, pads, alphas, betas, *, vmap_a
 
     def for_rows(chunk):
         xc, yc, vc = chunk
-        xc = _unit(xc)
+        xc = l2_normalize(xc)
         clip = _clip_logits(xc, text)  # once per row chunk
-        affinity = _mm(xc, keys.T)  # once per row chunk
+        affinity = matmul(xc, keys.T)  # once per row chunk
 
         def for_beta(beta):
             cache = _cache_logits(affinity, beta, values, pads, num_classes)  # once per beta
@@ -467,8 +406,7 @@ def search(val_x, val_y, text_weights, keys, values, alphas: Sequence[float] | N
 
 
 def _zero_shot_accuracy(x: np.ndarray, y: np.ndarray, text: np.ndarray) -> float:
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return float(np.mean(np.argmax(unit @ text.T, axis=1) == y))
+    return float(np.mean(np.argmax(l2_normalize(x) @ text.T, axis=1) == y))
 
 
 def _prepare(train_x, train_y, val_x, val_y, text_weights):
@@ -521,7 +459,7 @@ def _train_keys(views, y, xv, yv, text, keys, values, pads, real, alpha, beta, l
     ``real`` ([M, 1], grouped caches with padding): padding keys are held at zero."""
     num_views, n, _ = views.shape
     num_classes = text.shape[0]
-    views, xv = _unit(views), _unit(xv)
+    views, xv = l2_normalize(views), l2_normalize(xv)
     num_batches = -(-n // batch_size)
     padded = num_batches * batch_size
     valid = (jnp.arange(padded) < n).reshape(num_batches, batch_size).astype(jnp.float32)
@@ -532,7 +470,7 @@ def _train_keys(views, y, xv, yv, text, keys, values, pads, real, alpha, beta, l
 
     def tip(x, clip, k):
         k = k if real is None else k * real  # padding keys stay zero: no gradient reaches them
-        return _combine(clip, _cache_logits(_mm(x, k.T), beta, values, pads, num_classes), alpha)
+        return _combine(clip, _cache_logits(matmul(x, k.T), beta, values, pads, num_classes), alpha)
 
     def batch_loss(k, xb, yb, weight):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(tip(xb, _clip_logits(xb, text), k)), yb[:, None], axis=1)

@@ -1,41 +1,17 @@
 """Caption matching: for each training image, the class descriptions its CLIP embedding is closest to.
 
-GIST (Mu et al. 2023, ``caption_matching.py`` of github.com/emu1729/GIST) gives every training image
-the k (= 5) LLM-written descriptions of its *own* class that CLIP scores highest for that image;
-those become the image's captions for contrastive fine-tuning. This module computes the same
-selection in batches:
+GIST (``caption_matching.py`` of github.com/emu1729/GIST) gives every training image the k (= 5)
+LLM-written descriptions of its *own* class that CLIP scores highest for it (cosine of the raw
+description, no template); they become its captions for contrastive fine-tuning. Same selection, batched:
 
-    matches = match_captions(model, tokenize, train_source, descriptions, k=5)
-    write_captions(workdir / "captions_top5.json", matches)
+    matches = match_captions(model, tokenize, train_source, descriptions, k=5)   # {filename: [caption, ...]}
+    write_captions(workdir / "captions_top5.json", matches)                      # GIST's captions JSON
     # or, from files:
     match_to_file(model, tokenize, train_source, "long_captions.json", "captions_top5.json", k=5)
+    m = match_indices(model, tokenize, train_source, descriptions, k=5)          # Matches: slots, scores
 
-What is scored, as in GIST's script:
-- the raw description strings (no class-name prefix, no prompt template), tokenized with the
-  model's tokenizer: context 77, longer texts truncated with the end token kept last (OpenAI and
-  open_clip convention);
-- the cosine of the L2-normalized image embedding and the L2-normalized description embeddings of
-  the image's class (by its label). GIST ranks ``softmax(100 * cosine)`` instead; softmax is
-  monotone, so the ranking is the same;
-- images only of the ``train`` split (``split=`` selects others, or all);
-- the kept descriptions are the top ``k`` by score, best first. A class with fewer than ``k``
-  descriptions gives each of its images all of them, ranked (GIST slices ``[:5]`` of the ranking,
-  so it does the same); such files then have fewer than ``k`` captions, which ``GistSource(...,
-  num_captions=k)`` rejects, so use a smaller ``num_captions`` or write more descriptions.
-
-Differences from GIST's script, none of which changes which captions are chosen (up to float
-rounding between near-equal scores):
-- every description is encoded once (GIST encodes them per class, plus once more all together for
-  an unused score), and images in jitted batches through the grain evaluation pipeline rather than
-  one at a time; the output is written once at the end rather than after every image;
-- ties are broken deterministically: equal scores keep the order the descriptions have in the
-  descriptions file (lower position first). GIST's ``np.argsort(-probs)`` (introsort) leaves the
-  order of ties unspecified;
-- scores are fp32 (or the model's compute dtype in the towers); GIST runs under CUDA autocast (fp16)
-  on a GPU.
-
-The output format is GIST's: a JSON object mapping each image's ``filename`` (as in the metadata
-CSV) to its list of captions, best first, in the order of the source's records.
+Ties go to the description listed first. What is scored, where we differ from GIST's script (never in the
+captions chosen, up to float rounding of near-equal scores) and measured parity: docs/methods/gist.md.
 """
 
 from __future__ import annotations
@@ -52,10 +28,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxgist.evaluation import embeddings
-from jaxgist.core import files
+from jaxgist.core import arrays, files
 from jaxgist.data import pipeline
 from jaxgist.data.sources import DataError, read_descriptions
+from jaxgist.evaluation import embeddings
+from jaxgist.training import parallel
 
 __all__ = ["Matches", "match_indices", "match_captions", "write_captions", "match_to_file"]
 
@@ -181,9 +158,9 @@ def _top_k(model, pixels, labels, table, counts, k: int):
     Returns (scores [B, k] descending, slots [B, k]); padding slots (past the class's count) have
     score -inf and sort last. Equal scores are ordered by slot."""
     img = model.encode_image(pixels).astype(jnp.float32)
-    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    img = arrays.l2_normalize(img)
     cls = table[labels]  # [B, M, E]
-    scores = jnp.einsum("be,bme->bm", img, cls, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.einsum("be,bme->bm", img, cls, precision=arrays.HIGHEST)
     slot = jnp.broadcast_to(jnp.arange(table.shape[1], dtype=jnp.int32), scores.shape)
     valid = slot < counts[labels][:, None]
     # Sort by (-score, slot): best first, ties to the lower slot; padding (+inf) last.
@@ -195,11 +172,13 @@ def _top_k(model, pixels, labels, table, counts, k: int):
 def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
                   descriptions: Sequence[Sequence[str]], *, k: int = 5, image_size: int | None = None,
                   batch_size: int = 64, text_batch_size: int = 256, split: str | None = "train",
-                  workers: int = 0, skip_unreadable: bool = False) -> Matches:
+                  workers: int = 0, skip_unreadable: bool = False, shard_index: int | None = None,
+                  shard_count: int | None = None) -> Matches:
     """The top-``k`` descriptions of each image's class for every selected record, as arrays.
 
     See ``match_captions`` for the arguments. Records left out by ``split`` or skipped as
-    unreadable have no row.
+    unreadable have no row. In a multi-process job each process scores its shard of the images
+    (``shard_index`` of ``shard_count``, default this process's) and every process gets all rows.
     """
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -223,7 +202,7 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     seen = np.zeros(n, bool)
     data = pipeline.eval_dataset(_Selected(source, positions), image_size=image_size, batch_size=batch,
                                  skip_unreadable=skip_unreadable, workers=workers, prefetch=4,
-                                 shard_index=0, shard_count=1)
+                                 shard_index=shard_index, shard_count=shard_count)
     logging.info("caption matching: %d images of %d classes, %d descriptions (%d to %d per class), "
                  "k=%d, %dpx, batch %d, %s", n, len(descriptions), int(counts.sum()), int(counts.min()),
                  int(counts.max()), k, image_size, batch, embeddings.device_summary())
@@ -240,10 +219,8 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     done, pending = 0, None
     for b in data:
         pixels, batch_labels, index = b["image"], b["label"], np.asarray(b["index"])
-        if len(index) < batch:  # pad the short last batch (skipped images can shorten any batch)
-            pad = batch - len(index)
-            pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
-            batch_labels = np.concatenate([batch_labels, np.zeros(pad, batch_labels.dtype)])
+        # pad the short last batch (skipped images can shorten any batch)
+        pixels, batch_labels = (arrays.pad_rows(a, batch, fill="zeros") for a in (pixels, batch_labels))
         # Dispatch this batch, then read the previous one back while it runs.
         out = _top_k(model, jnp.asarray(pixels), jnp.asarray(batch_labels), table_d, counts_d, k=kk)
         if pending is not None:
@@ -260,6 +237,9 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     elapsed = time.perf_counter() - t0
     logging.info("caption matching: %d images in %.1f s (%.1f images/s)", done, elapsed,
                  done / max(elapsed, 1e-9))
+    # every process gets every process's rows
+    slots, _ = parallel.combine_rows(slots, seen)
+    scores, seen = parallel.combine_rows(scores, seen)
 
     if not seen.all():
         missing = [filenames[i] for i in np.flatnonzero(~seen)]
@@ -297,8 +277,8 @@ def match_captions(model, tokenize: Callable[[Sequence[str]], np.ndarray], sourc
       skip_unreadable: leave out (and log) images that cannot be read instead of failing.
 
     Ties between equal scores go to the description that comes first in the class's list. The
-    result is in the order of the source's records. The work runs in this process on its default
-    device (in a multi-process job every process that calls it computes the whole result).
+    result is in the order of the source's records. Each process scores its shard of the images on
+    its default device; every process gets the whole result.
     """
     matches = match_indices(model, tokenize, source, descriptions, k=k, image_size=image_size,
                             batch_size=batch_size, text_batch_size=text_batch_size, split=split,
@@ -341,7 +321,9 @@ def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     descriptions = read_descriptions(descriptions_path, class_names)
     t0 = time.perf_counter()
     matches = match_captions(model, tokenize, source, descriptions, k=k, **kwargs)
-    write_captions(out_path, matches)
+    if jax.process_index() == 0:
+        write_captions(out_path, matches)
+    parallel.sync("caption_matching.match_to_file")
     logging.info("caption matching: wrote top-%d captions of %d images to %s (%.1f s)", k, len(matches),
                  os.fspath(out_path), time.perf_counter() - t0)
     return matches

@@ -1,25 +1,28 @@
-"""Contrastive fine-tuning of CLIP on image / matched-caption pairs (GIST's fine-tuning stage).
+"""Contrastive fine-tuning of CLIP on image / matched-caption pairs (GIST's fine-tuning stage), and
+the evaluation of its checkpoints.
 
-The job (``config.method = "finetune"``, see ``configs/finetune.py``):
+The job (``config.method = "finetune"``, see ``configs/finetune.py``), by ``config.mode``:
 
-1. builds the mesh (after ``jax.distributed.initialize()`` on multi-process jobs), the train
-   source (each image paired with its first ``data.num_captions`` matched captions) and the
-   jitted, sharded train step (``jaxgist.training.train_state``);
-2. resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one (parameters,
-   optimizer state, step and data-iterator position), else starts from ``model.init``
-   (pretrained weights) or a random ``model.preset``;
-3. trains for ``train.steps`` (or ``train.epochs`` passes over the pairs), logging loss, learning
-   rate, images/s, step time, MFU and ETA, evaluating every ``train.eval_every`` steps and saving
-   every ``train.save_every`` steps and at the end;
-4. stops with ``FloatingPointError`` on a non-finite loss, before saving anything of that step;
-5. writes ``results.json`` (and, with ``train.export_hf``, the final parameters as a Hugging Face
-   CLIP directory in ``workdir/hf``).
+- ``train`` (default): builds the mesh, the train source (each image paired with its first
+  ``data.num_captions`` matched captions) and the contrastive step (``finetune_step``); resumes from
+  the latest checkpoint in ``workdir/checkpoints`` (parameters, optimizer state, step, data-iterator
+  position) or starts from ``model.init`` / a random ``model.preset``; runs the training loop
+  (``training.loop``: progress, zero-shot evaluation every ``train.eval_every`` steps, checkpoints
+  every ``train.save_every`` steps and at the end, a non-finite loss stops it); writes ``results.json``
+  (and, with ``train.export_hf``, a Hugging Face CLIP directory in ``workdir/hf``).
+- ``evaluate``: zero-shot top-1 on ``data.eval_split`` of checkpoint ``evaluate.step`` (-1: the latest).
+- ``watch``: evaluates each checkpoint as training writes it (a sidecar job beside a pod run), until
+  the last step is evaluated or no new checkpoint comes for ``evaluate.watch_timeout_s`` seconds.
+
+Results (``jaxgist.core.results``): ``results.json`` holds ``finetune.step_<N>.zero_shot`` (``val_top1``,
+``val_images``) for each evaluated step (the last evaluation of training, or the evaluate/watch
+modes) and the training figures under ``run.finetune``. Evaluations of the evaluate/watch modes also
+go to ``workdir/eval/`` (``metrics.jsonl``, TensorBoard).
 """
 
 from __future__ import annotations
 
 import math
-import pathlib
 import time
 
 import jax
@@ -29,31 +32,32 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxgist.training import checkpoint
 from jaxgist.core import config as config_lib
-from jaxgist.training import metrics as metrics_lib
-from jaxgist.training import optim
-from jaxgist.training import parallel
-from jaxgist.core import results
-from jaxgist.models.clip import tokenizer
-from jaxgist.training import train_state as train
+from jaxgist.core import files, results
 from jaxgist.data import datasets, pipeline
+from jaxgist.methods import finetune_step
 from jaxgist.models import clip
+from jaxgist.models.clip import tokenizer
+from jaxgist.training import checkpoint, loop
+from jaxgist.training import metrics as metrics_lib
+from jaxgist.training import optim, parallel
 
 EVAL_TEMPLATE = "a photo of a {}."
+MODES = ("train", "evaluate", "watch")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the fine-tuning job reads, with GIST's recipe as the defaults."""
     c = ml_collections.ConfigDict()
     c.method = "finetune"
+    c.mode = "train"
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        init="ViT-L/14@336px", preset=None, tokenizer="", dtype="float32", compute_dtype="", remat=False))
+    c.model = clip.default_model_config("ViT-L/14@336px")
     c.data = datasets.default_config()
     c.train = ml_collections.ConfigDict(dict(
         global_batch=32, epochs=10, steps=0, log_every=10, eval_every=0, eval_batch=64, save_every=1000,
         keep=3, best_metric="", async_checkpoints=True, export_hf=False))
+    c.evaluate = ml_collections.ConfigDict(dict(step=-1, watch_interval_s=30.0, watch_timeout_s=3600.0))
     c.optim = optim.default_config()
     c.mesh = (("data", -1), ("fsdp", 1))
     c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
@@ -69,6 +73,7 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     config_lib.check_keys(config, default_config(), free=("model.preset", "mesh", "sharding.rules"))
     t = config.train
     req = config_lib.require
+    req(config.mode in MODES, f"config.mode={config.mode!r} is not one of {MODES}")
     req(t.global_batch >= 1, f"config.train.global_batch={t.global_batch} must be >= 1")
     req(t.steps >= 0 and t.epochs >= 0, "config.train.steps and config.train.epochs must be >= 0")
     req(t.steps > 0 or t.epochs > 0, "set config.train.steps or config.train.epochs")
@@ -77,15 +82,14 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     req(t.eval_every >= 0, f"config.train.eval_every={t.eval_every} must be >= 0")
     req(not t.best_metric or t.eval_every > 0,
         f"config.train.best_metric={t.best_metric!r} needs evaluation: set config.train.eval_every")
+    e = config.evaluate
+    req(e.step >= -1, f"config.evaluate.step={e.step} must be a saved step or -1 (the latest)")
+    req(e.watch_interval_s > 0 and e.watch_timeout_s > 0,
+        "config.evaluate.watch_interval_s and config.evaluate.watch_timeout_s must be > 0")
     req("test" not in config.data.train_split and not config.data.eval_split.startswith("test"),
         f"config.data.train_split={config.data.train_split!r} / eval_split={config.data.eval_split!r}: the "
         f"test split is never trained or selected on")
-    req(bool(config.model.init) or bool(config.model.preset),
-        "config.model.init (pretrained weights) or config.model.preset (random init) must be set")
-    for key in ("dtype", "compute_dtype"):
-        value = config.model[key]
-        req(not value or value in ("float32", "bfloat16", "float16"),
-            f"config.model.{key}={value!r} is not one of float32, bfloat16, float16")
+    clip.check_model_config(config.model)
     try:
         optim.validate(config.optim)
         parallel.check_rules(config.sharding.rules)
@@ -113,12 +117,37 @@ def total_steps(config, num_pairs: int) -> tuple[int, int]:
     return (config.train.steps or config.train.epochs * per_epoch), per_epoch
 
 
+def checkpointer(config, workdir) -> checkpoint.Checkpointer:
+    """The run's checkpoints (``workdir/checkpoints``) as ``config.train`` keeps them."""
+    t = config.train
+    return checkpoint.Checkpointer(files.join(workdir, "checkpoints"), save_every=t.save_every, keep=t.keep,
+                                   best_metric=t.best_metric or None, async_save=t.async_checkpoints)
+
+
+def compile_inputs(config, mesh):
+    """(jitted step, abstract arguments, model config) of the train step: what ahead-of-time
+    compilation (``python -m jaxgist.aot``) lowers. Reads no data and creates no parameters."""
+    validate(config, num_devices=mesh.size, check_data=False)
+    check_batch(config, mesh)
+    model_cfg = clip.config_from_model_config(config.model)
+    # the schedule's length does not change any shape: a placeholder when the job counts epochs
+    setup = finetune_step.build(config, mesh, config.train.steps or 1000, model_cfg=model_cfg)
+    return setup.step, (setup.abstract_state, setup.abstract_batch(config.train.global_batch)), model_cfg
+
+
 def run(config, workdir: str) -> dict:
-    """Fine-tunes CLIP as ``config`` says; returns and writes the results."""
-    t_start = time.perf_counter()
+    """Runs ``config.mode`` (train, evaluate or watch); returns the results it wrote."""
     parallel.initialize_distributed(config)
     validate(config)
-    workdir = pathlib.Path(workdir)
+    if config.mode == "train":
+        return train(config, workdir)
+    return evaluate_checkpoints(config, workdir, watch=config.mode == "watch")
+
+
+def train(config, workdir: str) -> dict:
+    """Fine-tunes CLIP as ``config`` says; returns and writes the results."""
+    t_start = time.perf_counter()
+    workdir = files.path(workdir)
     mesh = parallel.make_mesh(config.mesh)
     check_batch(config, mesh)
 
@@ -129,108 +158,149 @@ def run(config, workdir: str) -> dict:
                  len(source), config.data.num_captions, num_pairs, steps, per_epoch, config.train.global_batch,
                  dict(mesh.shape), jax.devices()[0].device_kind)
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=config.train.save_every,
-                                   keep=config.train.keep, best_metric=config.train.best_metric or None,
-                                   async_save=config.train.async_checkpoints)
-    resume_step = ckpt.latest_step()
-    model = None
-    if resume_step is None:
-        model = clip.from_config(config.model, seed=config.seed)
-        model_cfg = model.config
-    else:
-        model_cfg = clip.config_from_model_config(config.model)
-    setup = train.build(config, mesh, steps, model_cfg=model_cfg)
-    logging.info("sharding: %s", parallel.describe(setup.state_shardings.params))
+    ckpt = checkpointer(config, workdir)
+    fresh = ckpt.latest_step() is None
+    model = clip.from_config(config.model, seed=config.seed) if fresh else None
+    setup = finetune_step.build(config, mesh, steps, model_cfg=model.config if fresh else
+                                clip.config_from_model_config(config.model))
+    logging.info("sharding: %s", parallel.describe(setup.param_shardings))
 
     tokenize = tokenizer.load(config.model.tokenizer or None)
     data_iter = iter(pipeline.train_dataset(
         source, image_size=setup.image_size, tokenize=tokenize, global_batch=config.train.global_batch,
         num_captions=config.data.num_captions, template=config.data.template, seed=config.seed,
         skip_unreadable=config.data.skip_unreadable, workers=config.data.workers, prefetch=config.data.prefetch))
-
-    if resume_step is None:
-        state = setup.init_state(model)
-        del model
-        start = 0
-    else:
-        state = train.TrainState.from_dict(ckpt.restore(resume_step, setup.abstract_state.as_dict(), data_iter))
-        start = int(jax.device_get(state.step))
-        logging.info("resumed from step %d of %d", start, steps)
+    state, start = loop.restore_or_init(ckpt, setup.abstract_state, lambda: setup.init_state(model), data_iter)
+    model = None  # the state holds a copy
 
     compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(config.train.global_batch)).compile()
-    flops = metrics_lib.compiled_flops(compiled)
     logger = metrics_lib.MetricsLogger(workdir, total_steps=steps, global_batch=config.train.global_batch,
-                                       log_every=config.train.log_every, flops_per_step=flops)
+                                       log_every=config.train.log_every,
+                                       flops_per_step=metrics_lib.compiled_flops(compiled))
     evaluator = Evaluator(config, setup, workdir, tokenize) if config.train.eval_every else None
 
-    last, eval_metrics = {}, {}
+    def to_device(batch):
+        return pipeline.to_global({"image": batch["image"], "ids": batch["ids"]}, mesh, parallel.DATA_AXES)
 
-    def finish(step, device_metrics):
-        """Host side of a step: read its metrics, stop on a non-finite loss, log."""
-        nonlocal last
-        last = train.host_metrics(device_metrics)
-        if not np.isfinite(last["loss"]):
-            good = ckpt.latest_step()
-            raise FloatingPointError(
-                f"loss is {last['loss']} at step {step}; stopping. Last good checkpoint: "
-                + (f"step {good} in {ckpt.directory}" if good is not None else "none (no step was saved)")
-                + ". Lower config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
-        logger.step(step, last)
-
-    t_train = time.perf_counter()
-    pending = None  # (step, device metrics) read one step late, so the host never idles the devices
     try:
-        for step in range(start + 1, steps + 1):
-            batch = next(data_iter)
-            state, m = compiled(state, pipeline.to_global({"image": batch["image"], "ids": batch["ids"]}, mesh,
-                                                          parallel.DATA_AXES))
-            if pending is not None:
-                finish(*pending)
-            pending = (step, m)
-            evaluate = evaluator is not None and (step % config.train.eval_every == 0 or step == steps)
-            if not (evaluate or step % config.train.save_every == 0 or step == steps):
-                continue
-            finish(*pending)  # this step's state is evaluated or saved: its loss must be known good
-            pending = None
-            if evaluate:
-                eval_metrics = evaluator(state)
-                logger.write(step, {f"val/{k}": v for k, v in eval_metrics.items()})
-                logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            ckpt.save(step, state.as_dict(), data_iter, metrics=eval_metrics or None, force=step == steps)
-            logger.restart_clock()
-        ckpt.wait()
+        result = loop.run(state, compiled, data_iter, to_device=to_device, checkpointer=ckpt, logger=logger,
+                          total_steps=steps, start_step=start, eval_every=config.train.eval_every,
+                          evaluate=evaluator)
     finally:
         logger.close()
         ckpt.close()
-    train_seconds = time.perf_counter() - t_train
 
     out = {
         "steps": steps,
         "start_step": start,
-        "final_loss": last.get("loss", float("nan")),
-        "images_per_s": round((steps - start) * config.train.global_batch / train_seconds, 2) if steps > start else 0.0,
+        "final_loss": result.last_train.get("loss", float("nan")),
+        "images_per_s": round(result.steps_run * config.train.global_batch / result.train_seconds, 2)
+        if result.steps_run else 0.0,
         "pairs": num_pairs,
         "seconds": round(time.perf_counter() - t_start, 2),
-        **{f"val_{k}": v for k, v in eval_metrics.items()},
+        **{f"val_{k}": v for k, v in result.last_eval.items()},
     }
     if config.train.export_hf and jax.process_index() == 0:
-        path = clip.save_hf(setup.model(state), workdir / "hf")
-        out["export_hf"] = str(path)
+        out["export_hf"] = str(clip.save_hf(setup.model(result.state), workdir / "hf"))
     if jax.process_index() == 0:
-        results.write_results(workdir, {"finetune": out})
+        table = {}
+        if result.last_eval:
+            table[f"step_{result.last_eval_step}"] = {"zero_shot": _eval_metrics(config, result.last_eval)}
+        results.write(workdir, "finetune", table, run=run_metadata(out))
     return {"finetune": out}
+
+
+def _eval_metrics(config, metrics: dict) -> dict:
+    """The Evaluator's figures as results metrics: ``<eval split>_top1`` and ``<eval split>_images``."""
+    split = config.data.eval_split.split("[")[0]
+    return {f"{split}_top1": metrics["zero_shot_top1"], f"{split}_images": metrics["images"]}
+
+
+def run_metadata(figures: dict) -> dict:
+    """A run's record for results.json: its figures, the jax version and the devices."""
+    return {**figures, "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "processes": jax.process_count()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating checkpoints: --config.mode=evaluate | watch
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
+    """Zero-shot evaluation of one saved step (``evaluate``) or of each new one (``watch``)."""
+    workdir = files.path(workdir)
+    mesh = parallel.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    source = datasets.source(config.data, config.data.train_split, workdir, with_captions=True)
+    steps, _ = total_steps(config, len(source) * config.data.num_captions)
+    setup = finetune_step.build(config, mesh, steps, model_cfg=clip.config_from_model_config(config.model))
+    evaluator = Evaluator(config, setup, workdir, tokenizer.load(config.model.tokenizer or None))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+    logger = metrics_lib.MetricsLogger(workdir / "eval", total_steps=steps, global_batch=config.train.eval_batch)
+    done: dict[str, dict] = {}
+
+    def one(step: int) -> None:
+        models = ckpt.restore_models(step, {finetune_step.MODEL: setup.abstract_state.models[finetune_step.MODEL]})
+        state = setup.abstract_state.replace(models=models)
+        metrics = evaluator(state)
+        logger.write(step, {f"val/{k}": v for k, v in metrics.items()})
+        logging.info("evaluated step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        done[f"step_{step}"] = {"zero_shot": _eval_metrics(config, metrics)}
+        if jax.process_index() == 0:
+            results.write(workdir, "finetune", {f"step_{step}": done[f"step_{step}"]})
+
+    try:
+        if not watch:
+            saved = ckpt.all_steps()
+            if not saved:
+                raise FileNotFoundError(f"no checkpoints in {ckpt.directory}: nothing to evaluate")
+            step = saved[-1] if config.evaluate.step < 0 else config.evaluate.step
+            if step not in saved:
+                raise FileNotFoundError(f"step {step} is not saved in {ckpt.directory}; saved steps: {saved}")
+            one(step)
+        else:
+            _watch(ckpt, one, final_step=steps, interval=config.evaluate.watch_interval_s,
+                   timeout=config.evaluate.watch_timeout_s)
+    finally:
+        logger.close()
+        ckpt.close()
+    return {"finetune": done}
+
+
+def _watch(ckpt: checkpoint.Checkpointer, evaluate_step, *, final_step: int, interval: float, timeout: float) -> None:
+    """Evaluates each checkpoint as it appears, oldest first, until ``final_step`` is evaluated or no
+    new checkpoint comes for ``timeout`` seconds. A step deleted (by the keep policy) before it could
+    be read is skipped with a warning."""
+    evaluated: set[int] = set()
+    last_new = time.monotonic()
+    logging.info("watching %s for new checkpoints (every %.0f s, up to step %d)", ckpt.directory, interval, final_step)
+    while final_step not in evaluated:
+        ckpt.reload()
+        for step in [s for s in ckpt.all_steps() if s not in evaluated]:
+            try:
+                evaluate_step(step)
+            except FileNotFoundError as e:
+                logging.warning("step %d vanished before it could be evaluated (%s); skipping it", step, e)
+            evaluated.add(step)
+            last_new = time.monotonic()
+        if final_step in evaluated:
+            break
+        if time.monotonic() - last_new > timeout:
+            logging.warning("no new checkpoint in %s for %.0f s; stopping (evaluated steps %s)", ckpt.directory,
+                            timeout, sorted(evaluated))
+            break
+        time.sleep(interval)
 
 
 class Evaluator:
     """Zero-shot top-1 on the eval split with "a photo of a {class}." prompts, using the current
     parameters; works on any mesh (each process feeds its shard, padded to equal batch counts)."""
 
-    def __init__(self, config, setup: train.Setup, workdir, tokenize):
+    def __init__(self, config, setup: finetune_step.Setup, workdir, tokenize):
         self.setup = setup
         self.source = datasets.source(config.data, config.data.eval_split, workdir, with_captions=False)
-        self.batch = config.train.eval_batch
         dp = parallel.data_size(setup.mesh)
-        self.batch = int(math.ceil(self.batch / dp) * dp)
+        self.batch = int(math.ceil(config.train.eval_batch / dp) * dp)
         self.local_batch = self.batch // jax.process_count()
         self.class_ids = tokenize([EVAL_TEMPLATE.format(n) for n in self.source.class_names])
         self.workers, self.prefetch = config.data.workers, config.data.prefetch
@@ -238,22 +308,23 @@ class Evaluator:
         rep = parallel.replicated(setup.mesh)
         bs = parallel.batch_sharding(setup.mesh)
 
-        def correct(params, class_ids, images, labels, mask):
-            model = nnx.merge(graphdef, params)
+        def correct(model_state, class_ids, images, labels, mask):
+            model = nnx.merge(graphdef, model_state)
             txt = clip.normalize(model.encode_text(class_ids))
             img = clip.normalize(model.encode_image(images))
             pred = jnp.argmax(img @ txt.T, axis=-1)
             return jnp.sum((pred == labels) & mask)
 
-        self._correct = jax.jit(correct, in_shardings=(setup.state_shardings.params, rep, bs, bs, bs),
-                                out_shardings=rep)
+        self._correct = jax.jit(correct, in_shardings=(setup.state_shardings.models[finetune_step.MODEL], rep, bs, bs,
+                                                       bs), out_shardings=rep)
 
-    def __call__(self, state: train.TrainState) -> dict[str, float]:
+    def __call__(self, state) -> dict[str, float]:
         per_process = math.ceil(len(self.source) / jax.process_count())
         num_batches = math.ceil(per_process / self.local_batch)
         it = iter(pipeline.eval_dataset(self.source, image_size=self.setup.image_size, batch_size=self.local_batch,
                                         workers=self.workers, prefetch=self.prefetch))
         ids = jax.device_put(self.class_ids, parallel.replicated(self.setup.mesh))
+        model_state = state.models[finetune_step.MODEL]
         total, seen = 0, 0
         for _ in range(num_batches):
             batch = next(it, None)
@@ -266,7 +337,7 @@ class Evaluator:
                 images[:n], labels[:n], mask[:n] = batch["image"], batch["label"], True
             g = pipeline.to_global({"images": images, "labels": labels, "mask": mask}, self.setup.mesh,
                                    parallel.DATA_AXES)
-            total += int(self._correct(state.params, ids, g["images"], g["labels"], g["mask"]))
+            total += int(self._correct(model_state, ids, g["images"], g["labels"], g["mask"]))
             seen += n
         seen = int(np.sum(_all_processes(seen)))
         return {"zero_shot_top1": total / max(seen, 1), "images": float(seen)}

@@ -7,6 +7,8 @@ line of its description, test images included; here only the train split is read
 embeddings (k-NN, nearest centroid, the image + caption hybrid MLP) are ``jaxgist.heads.flip``.
 
     flip.finetune(config, workdir)     # validate, check the source, then methods.finetune.run
+
+FLIP's recipe and where we differ from it: docs/methods/flip.md.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import re
 
 from jaxgist.core import config as config_lib
-from jaxgist.methods import finetune as finetune_lib
 from jaxgist.data import datasets
+from jaxgist.methods import finetune as finetune_lib
 
 _TRAIN_SPLIT = re.compile(r"train(\[[^\]+,]*\])?")  # "train", or a TFDS slice of it ("train[:80%]")
 

@@ -1,28 +1,21 @@
 """GIST end to end (``config.method = "gist"``): caption matching, contrastive fine-tuning, embeddings,
 probes and zero-shot, each stage reading what the previous one wrote in the workdir.
 
-Stages (``config.gist.stages``, in this order; any subset can be run, e.g. only
-``("embed", "evaluate")`` to re-evaluate a finished run):
+    python -m jaxgist --config configs/gist.py:dataset=cub,shots=5 --workdir runs/cub --config.data.image_dir=...
+    results = gist.run(config, workdir)   # {"gist": {"pretrained"|"finetuned": {head: metrics}}}
 
-- ``pretrain`` (the offline demo only): trains ``model.preset`` from scratch on the captions of a
-  synthetic dataset of other classes (``config.pretrain``), exported to ``pretrain/hf``, which then
-  stands in for pretrained weights (``model.init``) in every later stage.
-- ``match``: every training image's top ``gist.match_k`` descriptions of its own class
-  (``data.descriptions``) under the matching CLIP (``gist.match_model``; GIST uses ViT-B/32), written
-  to ``match/captions_top{k}.json``.
-- ``finetune``: contrastive fine-tuning (``jaxgist.methods.finetune``) on image / matched-caption pairs, in
-  ``finetune/`` (resumable).
-- ``embed``: image embeddings of ``gist.splits`` under the pretrained model and under the fine-tuned
-  checkpoint (``gist.eval_step``, default the latest), in ``embeddings/{pretrained,finetuned}.npz``.
-- ``evaluate``: zero-shot (class-name prompts) and linear probes (``gist.probes``: ``sgd`` as GIST
-  trains it, ``ridge``, ``lbfgs``) with hyperparameters chosen on validation, test top-1/top-3 with
-  bootstrap mean and std; ``results.json`` and a comparison table in ``results.md``.
+Stages (``config.gist.stages``, in this order; any subset, e.g. ``("embed", "evaluate")`` to re-evaluate):
+``pretrain`` (offline demo only: a CLIP from scratch -> ``pretrain/hf``), ``match`` (top
+``gist.match_k`` descriptions of each training image's class -> ``match/captions_top{k}.json``),
+``finetune`` (-> ``finetune/``, resumable), ``embed`` (pretrained and fine-tuned ->
+``embeddings/{pretrained,finetuned}.npz``), ``evaluate`` (zero-shot, ``gist.probes``, ``gist.heads``,
+chosen on validation; test top-1/top-3 with bootstrap -> ``results.json``, ``results.md``).
+Each stage in detail and the fidelity notes: docs/methods/gist.md.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import pathlib
 import time
 
@@ -31,19 +24,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxgist.methods import caption_matching
-from jaxgist.training import checkpoint
+from jaxgist.core import arrays
 from jaxgist.core import config as config_lib
-from jaxgist.evaluation import embeddings
-from jaxgist.evaluation import accuracy as evaluation
-from jaxgist.methods import finetune
-from jaxgist.heads import registry as heads_lib
-from jaxgist.heads import probes
-from jaxgist.core import results
-from jaxgist.models.clip import tokenizer
-from jaxgist.evaluation import zero_shot
+from jaxgist.core import files, results
 from jaxgist.data import datasets, sources
+from jaxgist.evaluation import accuracy, embeddings, zero_shot
+from jaxgist.heads import probes
+from jaxgist.heads import registry as heads_lib
+from jaxgist.methods import caption_matching, finetune
 from jaxgist.models import clip
+from jaxgist.models.clip import tokenizer
+from jaxgist.training import checkpoint, parallel
 
 STAGES = ("pretrain", "match", "finetune", "embed", "evaluate")
 PROBES = ("sgd", "ridge", "lbfgs")
@@ -91,6 +82,17 @@ def validate(config) -> None:
                                      f"{config.data.source!r} is not 'gist' or 'synthetic'")
     if "match" in g.stages and config.data.source == "gist":
         req(bool(config.data.descriptions), "config.data.descriptions must be set for the match stage")
+    req(config.mode == "train", f"config.mode={config.mode!r}: GIST runs its stages (config.gist.stages); "
+        f"evaluate a finished run with config.gist.stages=('embed', 'evaluate')")
+    # the fine-tuning stage's and the data's settings fail now, not after matching has finished
+    datasets.validate(config.data)
+    if "finetune" in g.stages:
+        finetune.validate(finetune_config(config, config.model.init or "pretrained", ""), check_data=False)
+    if "pretrain" in g.stages:
+        try:
+            finetune.validate(pretrain_config(config, pathlib.Path("workdir")), check_data=False)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"the pretrain stage (set by config.pretrain): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +105,8 @@ def _model_config(config, init: str) -> ml_collections.ConfigDict:
     return m
 
 
-def pretrain(config, workdir: pathlib.Path) -> dict:
-    """Trains config.model.preset from scratch on a synthetic dataset of other classes; exports it."""
+def pretrain_config(config, workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The fine-tuning job's config of the ``pretrain`` stage (from scratch, synthetic classes)."""
     p = config.pretrain
     c = finetune.default_config()
     c.model = copy.deepcopy(config.model)
@@ -119,8 +121,14 @@ def pretrain(config, workdir: pathlib.Path) -> dict:
     c.optim.update(dict(name="adamw", lr=p.lr, weight_decay=p.weight_decay, schedule="cosine",
                         warmup_steps=p.warmup_steps, grad_clip_norm=1.0))
     c.mesh, c.sharding, c.distributed, c.seed = config.mesh, config.sharding, config.distributed, config.seed
+    return c
+
+
+def pretrain(config, workdir: pathlib.Path) -> dict:
+    """Trains config.model.preset from scratch on a synthetic dataset of other classes; exports it."""
+    p = config.pretrain
     logging.info("gist/pretrain: %d steps on %d synthetic classes", p.steps, p.synthetic.num_classes)
-    out = finetune.run(c, str(workdir / "pretrain"))["finetune"]
+    out = finetune.run(pretrain_config(config, workdir), str(workdir / "pretrain"))["finetune"]
     return {k: v for k, v in out.items() if k in ("steps", "final_loss", "images_per_s", "seconds")}
 
 
@@ -134,6 +142,11 @@ def pretrained_init(config, workdir: pathlib.Path) -> str:
     return config.model.init
 
 
+def matched_captions_path(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Where the match stage writes (and later stages read) each image's top ``gist.match_k`` captions."""
+    return workdir / "match" / f"captions_top{config.gist.match_k}.json"
+
+
 def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
     g = config.gist
     paths = datasets.paths(config.data, workdir)
@@ -141,7 +154,7 @@ def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
                                 check_files=config.data.check_files)
     model = clip.from_config(_model_config(config, g.match_model or init), seed=config.seed)
     tokenize = tokenizer.load(config.model.tokenizer or None)
-    out = workdir / "match" / f"captions_top{g.match_k}.json"
+    out = matched_captions_path(config, workdir)
     t0 = time.perf_counter()
     matches = caption_matching.match_to_file(model, tokenize, source, paths["descriptions"], out, k=g.match_k,
                                              batch_size=g.batch_size, workers=config.data.workers,
@@ -151,20 +164,32 @@ def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
             "images_per_s": round(len(matches) / max(seconds, 1e-9), 1)}, str(out)
 
 
-def finetune_stage(config, workdir: pathlib.Path, init: str, captions: str) -> dict:
+def finetune_config(config, init: str, captions: str, workdir: pathlib.Path | None = None) -> ml_collections.ConfigDict:
+    """The fine-tuning job's config of the ``finetune`` stage: GIST's model, optimizer, train and mesh
+    settings, starting from ``init`` on the matched ``captions`` (synthetic data is read as the GIST
+    files it wrote under ``workdir``)."""
     c = finetune.default_config()
-    for key in ("seed", "mesh", "sharding", "distributed", "optim", "train"):
+    for key in ("seed", "mode", "evaluate", "mesh", "sharding", "distributed", "optim", "train"):
         c[key] = copy.deepcopy(config[key])
     c.model = _model_config(config, init)
     c.data = copy.deepcopy(config.data)
     if captions:
-        if c.data.source == "synthetic":
+        if c.data.source == "synthetic" and workdir is not None:
             paths = datasets.paths(config.data, workdir)
             c.data.source = "gist"
             c.data.update(dict(metadata=paths["metadata"], image_dir=paths["image_dir"],
                                descriptions=paths["descriptions"]))
         c.data.captions = captions
-    return finetune.run(c, str(workdir / "finetune"))["finetune"]
+    return c
+
+
+def finetune_stage(config, workdir: pathlib.Path, init: str, captions: str) -> dict:
+    return finetune.run(finetune_config(config, init, captions, workdir), str(workdir / "finetune"))["finetune"]
+
+
+def compile_inputs(config, mesh):
+    """The fine-tuning stage's train step, for ahead-of-time compilation (``python -m jaxgist.aot``)."""
+    return finetune.compile_inputs(finetune_config(config, config.model.init or "pretrained", ""), mesh)
 
 
 def embed(config, workdir: pathlib.Path, init: str) -> dict:
@@ -196,13 +221,15 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
                      for v in range(g.augment_views)]
             splits["trainviews"] = {"x": np.stack([v["x"] for v in views]), "y": views[0]["y"],
                                     "index": views[0]["index"]}
-        embeddings.save(out_dir / f"{name}.npz", splits, source.class_names)
         tokenize = tokenizer.load(config.model.tokenizer or None)
         text = {"templates": zero_shot.class_embeddings(model, tokenize, source.class_names,
                                                         tuple(g.zero_shot_templates))}
         if any(h.startswith("coder") for h in g.heads):
             text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, source.class_names), tokenize))
-        np.savez(out_dir / f"{name}_text.npz", **text)
+        if jax.process_index() == 0:  # every process has every embedding: one writes them
+            embeddings.save(out_dir / f"{name}.npz", splits, source.class_names)
+            embeddings.save_arrays(out_dir / f"{name}_text.npz", **text)
+        parallel.sync(f"gist.embed.{name}")
         summary[name] = {split: int(len(d["y"])) for split, d in splits.items()}
         logging.info("gist/embed: %s embeddings of %s", name, summary[name])
     return summary
@@ -226,98 +253,75 @@ def evaluate(config, workdir: pathlib.Path) -> dict:
                 probe = probes.ridge_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
             else:
                 probe = probes.lbfgs_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
-            metrics = evaluation.accuracy_summary(probe.predict_logits(te["x"]), te["y"], resamples=g.bootstrap,
+            metrics = accuracy.accuracy_summary(probe.predict_logits(te["x"]), te["y"], resamples=g.bootstrap,
                                                   seed=g.seed)
             metrics.update({k: v for k, v in probe.summary().items() if k != "method"})
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
-            out[f"linear_probe_{kind}/{name}"] = metrics
+            out.setdefault(name, {})[f"linear_probe_{kind}"] = metrics
         with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
             cached = dict(f)
-        out[f"zero_shot/{name}"] = _zero_shot(cached["templates"], te, g)
+        out.setdefault(name, {})["zero_shot"] = _zero_shot(cached["templates"], te, g)
         if g.heads:
             knowledge = None
             if any(h.startswith("coder") for h in g.heads):
                 knowledge = heads_lib.load_knowledge_embeddings(_knowledge(config, workdir, class_names), cached)
             found = heads_lib.run(tuple(g.heads), splits, cached["templates"], knowledge, bootstrap=g.bootstrap,
                                   seed=g.seed)
-            out.update({f"{head}/{name}": m for head, m in found.items()})
+            out.setdefault(name, {}).update(found)
     if not out:
         raise FileNotFoundError(f"no embeddings in {workdir / 'embeddings'}: run the 'embed' stage first")
     return out
 
 
 def _knowledge(config, workdir, class_names):
-    """CODER knowledge: ``gist.coder_knowledge`` if set; for synthetic data, from its drawn attributes;
-    else generated from the class names."""
-    attributes = ""
-    if config.data.source == "synthetic":
-        attributes = str(pathlib.Path(datasets.paths(config.data, workdir)["metadata"]).parent / "attributes.json")
-    return heads_lib.knowledge_for(class_names, path=config.gist.coder_knowledge, attributes=attributes)
+    """CODER knowledge: the file ``gist.coder_knowledge`` if set; for synthetic data, the knowledge file
+    the dataset wrote; else generated from the class names."""
+    path = config.gist.coder_knowledge
+    if not path and config.data.source == "synthetic":
+        path = datasets.paths(config.data, workdir)["coder_knowledge"]
+    return heads_lib.knowledge_for(class_names, path=path)
 
 
 def _zero_shot(text_weights, test, g) -> dict:
     """Zero-shot top-k of the test embeddings against the class text embeddings the embed stage cached."""
-    x = test["x"] / np.linalg.norm(test["x"], axis=-1, keepdims=True)
-    return evaluation.accuracy_summary(100.0 * x @ text_weights.T, test["y"], resamples=g.bootstrap, seed=g.seed)
+    x = arrays.l2_normalize(test["x"])
+    return accuracy.accuracy_summary(100.0 * x @ text_weights.T, test["y"], resamples=g.bootstrap, seed=g.seed)
 
 
 # ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 
-def comparison_table(res: dict) -> str:
-    """Markdown: one row per head and model (test top-1 and top-3 with bootstrap std, val top-1)."""
-    lines = ["| head | model | test top-1 (%) | test top-3 (%) | val top-1 (%) |", "|---|---|---|---|---|"]
-    for key, m in res.items():
-        if "/" not in key or not isinstance(m, dict) or "test_top1" not in m:
-            continue
-        head, model = key.split("/")
-
-        def pct(k):
-            if k not in m:
-                return "-"
-            std = m.get(f"{k}_bootstrap_std")
-            return f"{100 * m[k]:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-        val = f"{100 * m['val_top1']:.1f}" if "val_top1" in m else "-"
-        lines.append(f"| {head} | {model} | {pct('test_top1')} | {pct('test_top3')} | {val} |")
-    return "\n".join(lines) + "\n"
-
-
 def run(config, workdir: str) -> dict:
+    """Runs ``config.gist.stages``; returns and writes the results: ``{"gist": {model: {head: metrics}}}``
+    (models "pretrained", "finetuned"), with each stage's figures under ``run.gist.stages``."""
     t0 = time.perf_counter()
     validate(config)
+    if not files.is_local(workdir):
+        raise config_lib.ConfigError(f"--workdir={workdir}: GIST's stages write numpy and JSON files with local "
+                                     f"file APIs; use a directory (a bucket mounted with gcsfuse works)")
     workdir = pathlib.Path(workdir)
     stages = tuple(config.gist.stages)
-    res: dict = {}
+    done: dict = {}
+    table: dict = {}
     if "pretrain" in stages:
-        res["pretrain"] = pretrain(config, workdir)
+        done["pretrain"] = pretrain(config, workdir)
     init = pretrained_init(config, workdir)
     captions = config.data.captions
     if "match" in stages:
-        res["match"], captions = match(config, workdir, init)
-    elif (workdir / "match").is_dir() and not captions:
-        found = sorted((workdir / "match").glob("captions_top*.json"))
-        captions = str(found[-1]) if found else ""
+        done["match"], captions = match(config, workdir, init)
+    elif not captions:
+        matched = matched_captions_path(config, workdir)
+        captions = str(matched) if matched.is_file() else ""
     if "finetune" in stages:
         ft = finetune_stage(config, workdir, init, captions)
-        res["finetune"] = {k: v for k, v in ft.items() if not k.startswith("val_")}
+        done["finetune"] = {k: v for k, v in ft.items() if not k.startswith("val_")}
     if "embed" in stages:
-        res["embed"] = embed(config, workdir, init)
+        done["embed"] = embed(config, workdir, init)
     if "evaluate" in stages:
-        res.update(evaluate(config, workdir))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    if jax.process_index() == 0:
-        previous = workdir / "results.json"
-        if previous.exists():  # stages run earlier keep their results
-            res = {**json.loads(previous.read_text()).get("gist", {}), **res}
-        results.write_results(workdir, {"gist": res})
-        table = comparison_table(res)
-        (workdir / "results.md").write_text(table + "\n" + results.markdown_table({"gist": res}))
-        (workdir / "comparison.md").write_text(table)
-        logging.info("gist results:\n%s", table)
-    return {"gist": res}
-
-
-def load_results(workdir) -> dict:
-    return json.loads((pathlib.Path(workdir) / "results.json").read_text())["gist"]
+        table = evaluate(config, workdir)
+    if jax.process_index() == 0:  # stages run earlier keep their results (results.write merges)
+        merged = results.write(workdir, "gist", table, run={
+            "stages": done, "seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__})
+        logging.info("gist results:\n%s", results.comparison_table(merged["gist"]))
+    return {"gist": table}

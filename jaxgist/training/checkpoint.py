@@ -1,28 +1,31 @@
-"""Orbax checkpoints of a training run: train state (parameters, optimizer state, step) and the
-grain data-iterator state, saved together so a restarted run continues exactly where it stopped.
+"""Orbax checkpoints of a training run: the train state (every model's variables, optimizer states,
+step) and the grain data-iterator state, saved together so a restarted run continues exactly.
 
     ckpt = Checkpointer(workdir / "checkpoints", save_every=100, keep=3, best_metric="val_top1")
     step = ckpt.latest_step()                                 # None on a fresh run
     state = ckpt.restore(step, abstract_state, data_iter)     # onto the shardings of abstract_state
+    models = ckpt.restore_models(step, {"clip": abstract})    # some models' variables, nothing else
     ckpt.save(step, state, data_iter, metrics={...})
     ckpt.close()
 
-A step directory holds ``state/`` (Orbax PyTree) and ``data/`` (one JSON per process with its
-iterator state). Restoring onto another mesh only needs ``abstract_state`` to carry the new
-shardings. ``export_hf`` writes any saved step's parameters as a Hugging Face CLIP directory.
+A step directory holds ``state/`` (Orbax PyTree: ``{"step", "models": {name: ...}, "opt_states":
+{name: ...}}``) and ``data/`` (one JSON per process with its iterator state). Restoring onto another
+mesh only needs the abstract arrays to carry the new shardings. ``load_model`` / ``export_hf`` read a
+saved CLIP (as a module, or written as a Hugging Face directory).
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
-
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxgist.core import files
 
 
 class Checkpointer:
@@ -45,7 +48,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint keep must be >= 1 or None, got {keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"checkpoint best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = files.path(directory)
+        if files.is_local(directory):
+            self.directory = self.directory.absolute()
         self.save_every, self.best_metric, self.best_mode = save_every, best_metric, best_mode
         keep_policies = [policies.LatestN(n=keep)]
         if best_metric:
@@ -107,6 +112,25 @@ class Checkpointer:
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored["state"]
 
+    def restore_models(self, step: int, abstract_models: dict):
+        """The variables of the models named in ``abstract_models`` (name -> abstract nnx.State with
+        shardings) at ``step``; optimizer states and the data iterator are not read."""
+        target = {"models": dict(abstract_models)}
+        # a partial read needs the PyTree handler; this manager's "state" item is bound to the standard one
+        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                       item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        finally:
+            reader.close()
+        return restored["state"]["models"]
+
+    def reload(self) -> None:
+        """Sees the steps another process has written since this one opened the directory."""
+        self.manager.reload()
+
     def restore_state_only(self, step: int, abstract_state):
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
@@ -126,8 +150,8 @@ def abstract_like(tree, shardings=None):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _run_checkpoints(directory: str | os.PathLike) -> pathlib.Path:
-    directory = pathlib.Path(directory)
+def _run_checkpoints(directory: str | os.PathLike) -> epath.Path:
+    directory = files.path(directory)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():
@@ -135,10 +159,11 @@ def _run_checkpoints(directory: str | os.PathLike) -> pathlib.Path:
     return directory
 
 
-def load_model(directory: str | os.PathLike, model_config, step: int | None = None):
+def load_model(directory: str | os.PathLike, model_config, step: int | None = None, *, name: str = "clip"):
     """The CLIP of checkpoint ``step`` (default: latest) of a run: ``directory`` is the run's workdir
     or its ``checkpoints`` folder; ``model_config`` is the run's ``config.model`` (it fixes the
-    architecture). Only the parameters are read (not the optimizer state)."""
+    architecture); ``name`` the model's name in the train state. Only that model's variables are read
+    (not the optimizer state). Returns (model, step)."""
     from flax import nnx
 
     from jaxgist.models import clip
@@ -152,20 +177,19 @@ def load_model(directory: str | os.PathLike, model_config, step: int | None = No
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps}")
-        graphdef, abstract_params = nnx.split(clip.abstract_from_config(model_config), nnx.Param)
+        graphdef, abstract_state = nnx.split(clip.abstract_from_config(model_config))
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {"params": jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)}
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                        abstract_state)
+        model_state = ckpt.restore_models(step, {name: target})[name]
     finally:
         ckpt.close()
-    logging.info("loaded the parameters of step %d from %s", step, directory)
-    return nnx.merge(graphdef, restored["state"]["params"]), step
+    logging.info("loaded model %r of step %d from %s", name, step, directory)
+    return nnx.merge(graphdef, model_state), step
 
 
 def export_hf(directory: str | os.PathLike, model_config, out_dir: str | os.PathLike, step: int | None = None,
-              ) -> pathlib.Path:
+              ) -> epath.Path:
     """Writes the parameters of checkpoint ``step`` (default: latest) of the run in ``directory``
     (its workdir or ``checkpoints`` folder) as a Hugging Face CLIP directory."""
     from jaxgist.models import clip

@@ -1,4 +1,9 @@
-"""Contrastive (CLIP) loss and in-batch retrieval accuracy."""
+"""Contrastive (CLIP) loss and in-batch retrieval accuracy.
+
+    logits_per_image, _ = model(pixels, ids)                # [B, B], already times the logit scale
+    loss = losses.clip_loss(logits_per_image)               # mean of image->text and text->image CE, fp32
+    acc = losses.retrieval_accuracy(logits_per_image)       # {"image_to_text_top1", "text_to_image_top1"}
+"""
 
 from __future__ import annotations
 

@@ -8,12 +8,13 @@ per logged step (training and evaluation), for scripts; TensorBoard reads ``work
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Mapping
 
 import jax
 from absl import logging
+
+from jaxgist.core import files
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind. MFU is reported against these.
 PEAK_BF16_FLOPS = {
@@ -58,29 +59,62 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+class JsonLines:
+    """An append-only JSON-lines file in a workdir. Local files are appended to and flushed line by
+    line; in a bucket (no appends there) the lines are kept and the whole object is rewritten at most
+    every ``flush_seconds`` and on ``close``."""
+
+    def __init__(self, path, *, flush_seconds: float = 30.0):
+        self.path, self.flush_seconds = files.path(path), flush_seconds
+        self.local = files.is_local(path)
+        if self.local:
+            files.makedirs(self.path.parent)
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._lines = files.read_text(self.path).splitlines(keepends=True) if self.path.exists() else []
+            self._dirty, self._flushed = False, time.monotonic()
+
+    def write(self, record: Mapping) -> None:
+        line = json.dumps(record) + "\n"
+        if self.local:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._flushed >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.local and self._dirty:
+            files.write_text_atomic(self.path, "".join(self._lines))
+            self._dirty, self._flushed = False, time.monotonic()
+
+    def close(self) -> None:
+        if self.local:
+            self._file.close()
+        else:
+            self.flush()
+
+
 class MetricsLogger:
-    """Writes metrics and prints a progress line every ``log_every`` steps.
+    """Writes metrics (``metrics.jsonl`` and TensorBoard event files in ``workdir``, local or a
+    bucket) and prints a progress line every ``log_every`` steps.
 
     ``flops_per_step`` (per device) and the device peak give MFU; both are optional.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, global_batch: int, log_every: int = 10,
+    def __init__(self, workdir, *, total_steps: int, global_batch: int, log_every: int = 10,
                  flops_per_step: float | None = None):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = files.path(workdir)
         self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, max(1, log_every)
         self.flops_per_step, self.peak = flops_per_step, peak_flops()
         self.is_writer = jax.process_index() == 0
         self._tb = None
         self._jsonl = None
         if self.is_writer:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-            try:
-                import tensorboardX
-
-                self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
-            except ImportError:
-                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+            self._jsonl = JsonLines(self.workdir / "metrics.jsonl")
+            self._tb = _tensorboard_writer(self.workdir / "tensorboard")
         self._last_time = time.perf_counter()
         self._window_time = 0.0
         self._window_steps = 0
@@ -123,8 +157,7 @@ class MetricsLogger:
         for name, value in scalars.items():
             if self._tb is not None:
                 self._tb.add_scalar(name, float(value), step)
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write({"step": step, **{k: float(v) for k, v in scalars.items()}})
 
     def close(self) -> None:
         if self._tb is not None:
@@ -133,6 +166,20 @@ class MetricsLogger:
             self._jsonl.close()
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+
+
+def _tensorboard_writer(logdir):
+    """A tensorboardX SummaryWriter for ``logdir`` (local or ``gs://``), or None when it cannot write
+    there (the reason is logged; metrics.jsonl is written either way)."""
+    try:
+        import tensorboardX
+    except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard event files")
+        return None
+    try:
+        return tensorboardX.SummaryWriter(str(logdir))
+    except Exception as e:  # e.g. a bucket URL tensorboardX has no client for
+        logging.warning("no TensorBoard event files in %s: %s", logdir, e)
+        return None

@@ -206,3 +206,26 @@ def initialize_distributed(config=None) -> None:
     jax.distributed.initialize(**kwargs)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def combine_rows(values: np.ndarray, filled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows computed by different processes, put together: every process holds the same-shaped
+    ``values`` [n, ...] in which it filled only its own rows (``filled`` [n] bool). Returns every
+    process's rows and which rows any process filled (one process: the inputs as they are)."""
+    values, filled = np.asarray(values), np.asarray(filled, bool)
+    if jax.process_count() == 1:
+        return values, filled
+    from jax.experimental import multihost_utils
+
+    all_values = np.asarray(multihost_utils.process_allgather(values))  # [P, n, ...]
+    all_filled = np.asarray(multihost_utils.process_allgather(filled))  # [P, n]
+    owner = np.argmax(all_filled, axis=0)
+    return all_values[owner, np.arange(len(filled))], all_filled.any(axis=0)
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached this point (a no-op in a one-process job)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

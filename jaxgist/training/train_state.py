@@ -1,18 +1,24 @@
-"""The contrastive train step and everything needed to build it from a config.
+"""The train state of one or several named models, laid out over a mesh, and the optimizer update.
 
-    setup = train.build(config, mesh)                 # model, optimizer, shardings, jitted step
-    state = setup.init_state(model)                   # sharded TrainState
-    state, metrics = setup.step(state, batch)         # batch: {"image", "ids"} global arrays
+    layout = train_state.layout({"clip": abstract_clip}, {"clip": tx}, mesh, rules, {"clip": axes_fn})
+    state = layout.init({"clip": model})           # sharded TrainState (a copy: the step donates it)
+    model = layout.merge(state, "clip")            # an nnx module sharing the state's arrays
+    params, rest = layout.split(state, "clip")     # trainable parameters / every other variable
+    model = layout.module("clip", params, rest)    # inside a loss function being differentiated
+    state = layout.apply_gradients(state, {"clip": grads}, rest={"clip": new_rest})
 
-``build(config, mesh)`` needs no parameters (only their shapes), so the same function gives the
-step that ahead-of-time compilation for a pod lowers with abstract inputs
-(``setup.step.lower(setup.abstract_state, setup.abstract_batch(...))``).
+A ``TrainState`` keeps the whole ``nnx.State`` of every model (parameters, batch statistics, EMA
+copies: whatever variables the module has) and one optimizer state per *trained* model; models
+without an optimizer (a frozen teacher, a CLIP that gives text targets) ride along unchanged. Every
+array is placed by its model's logical axes and the sharding rules, optimizer state like the parameter
+it belongs to. A method writes its step as a function of (state, batch) with these helpers; the loop
+(``training.loop``) and checkpoints (``training.checkpoint``) only see the TrainState.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -22,156 +28,159 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxgist.training import losses
-from jaxgist.training import optim
-from jaxgist.training import parallel
-from jaxgist.models import clip
-from jaxgist.models.clip import model as clip_model
+from jaxgist.training import optim, parallel
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: train steps done (micro-steps when accumulating)
-    params: nnx.State
-    opt_state: Any
+    models: dict[str, nnx.State]  # name -> every variable of that model
+    opt_states: dict[str, Any]  # name -> optimizer state, for trained models
+
+    def _only(self) -> str:
+        if len(self.models) != 1:
+            raise ValueError(f"this state holds models {sorted(self.models)}: name one")
+        return next(iter(self.models))
+
+    @property
+    def params(self) -> nnx.State:
+        """The trainable parameters of the state's only model."""
+        return nnx.filter_state(self.models[self._only()], nnx.Param)
+
+    @property
+    def opt_state(self) -> Any:
+        """The optimizer state of the state's only model."""
+        return self.opt_states[self._only()]
 
     def as_dict(self) -> dict[str, Any]:
         """The checkpointed form."""
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        return {"step": self.step, "models": dict(self.models), "opt_states": dict(self.opt_states)}
 
     @classmethod
     def from_dict(cls, d) -> "TrainState":
-        return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"])
+        return cls(step=d["step"], models=dict(d["models"]), opt_states=dict(d["opt_states"]))
 
 
-def make_step_fn(graphdef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                 accumulate_steps: int = 1, activations: NamedSharding | None = None) -> Callable:
-    """The pure train step ``(state, batch) -> (state, metrics)`` for a CLIP ``graphdef``.
-
-    Loss: CLIP's symmetric cross-entropy over the whole (global) batch.
-    Metrics: loss, grad_norm, lr, logit_scale (exp, after clamping) and in-batch retrieval top-1.
-    ``activations``: the batch sharding every transformer block's input keeps
-    (``clip_model.activation_sharding``).
-    """
-
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        with clip_model.activation_sharding(activations):
-            logits_per_image, _ = model(batch["image"], batch["ids"])
-        loss = losses.clip_loss(logits_per_image)
-        return loss, (logits_per_image, model.scale())
-
-    def step_fn(state: TrainState, batch):
-        (loss, (logits, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": lr_schedule(state.step // accumulate_steps),
-            "logit_scale": scale,
-            **losses.retrieval_accuracy(logits),
-        }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return step_fn
+def split_params(model_state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(trainable parameters, every other variable) of one model's state."""
+    return nnx.split_state(model_state, nnx.Param, ...)
 
 
 @dataclasses.dataclass
-class Setup:
-    """What ``build`` returns: the model's structure, the optimizer and the jitted step."""
+class Layout:
+    """What ``layout`` returns: each model's structure and optimizer, and the state's placement."""
 
-    config: Any
     mesh: Mesh
-    model_config: clip.CLIPConfig
-    graphdef: Any
-    tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
-    state_shardings: TrainState
-    abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings
-    step: Any  # jax.jit-wrapped (state, batch) -> (state, metrics), state donated
-    image_size: int
-    context_length: int
+    graphdefs: dict[str, Any]
+    txs: dict[str, optax.GradientTransformation]
+    shardings: TrainState  # NamedShardings
+    abstract: TrainState  # ShapeDtypeStructs carrying the shardings
 
-    def init_state(self, model: clip.CLIP) -> TrainState:
-        """A sharded TrainState from ``model``'s parameters (pretrained or freshly initialized)."""
-        if model.config != self.model_config:
-            raise ValueError(f"the model's config {model.config} differs from the config the step was built "
-                             f"for {self.model_config}")
-        _, params = nnx.split(model, nnx.Param)
-        # a copy: the step donates its state, and the caller's model must stay usable
-        params = jax.device_put(params, self.state_shardings.params, may_alias=False)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+    def init(self, models: Mapping[str, nnx.Module]) -> TrainState:
+        """A sharded TrainState from live ``models`` (pretrained or freshly initialized); their arrays
+        are copied, so the caller's modules stay usable after a donating step."""
+        missing = sorted(set(self.graphdefs) - set(models))
+        extra = sorted(set(models) - set(self.graphdefs))
+        if missing or extra:
+            raise ValueError(f"models {sorted(models)} do not match the layout's {sorted(self.graphdefs)}")
+        states = {}
+        for name, model in models.items():
+            graphdef, state = nnx.split(model)
+            if graphdef != self.graphdefs[name]:
+                raise ValueError(f"model {name!r} differs in structure from the one the step was built for")
+            states[name] = jax.device_put(state, self.shardings.models[name], may_alias=False)
+        opt_states = {name: jax.jit(tx.init, out_shardings=self.shardings.opt_states[name])(
+            split_params(states[name])[0]) for name, tx in self.txs.items()}
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step)
+        return TrainState(step=step, models=states, opt_states=opt_states)
 
-    def abstract_batch(self, global_batch: int, text_length: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-        sharding = parallel.batch_sharding(self.mesh)
-        s, length = self.image_size, text_length or self.context_length
-        return {"image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32, sharding=sharding),
-                "ids": jax.ShapeDtypeStruct((global_batch, length), jnp.int32, sharding=sharding)}
+    def merge(self, state: TrainState, name: str, model_state: nnx.State | None = None) -> nnx.Module:
+        """Model ``name`` of ``state`` (or with ``model_state``) as an nnx module sharing its arrays."""
+        return nnx.merge(self.graphdefs[name], state.models[name] if model_state is None else model_state)
 
-    def model(self, state: TrainState) -> clip.CLIP:
-        """The CLIP whose parameters are ``state.params`` (shares their arrays)."""
-        return nnx.merge(self.graphdef, state.params)
+    def module(self, name: str, params: nnx.State, rest: nnx.State) -> nnx.Module:
+        """Model ``name`` from its parameters and other variables, with fresh variables: what a loss
+        function being differentiated builds (its forward pass may update batch statistics, which it
+        then returns with ``nnx.state(module, nnx.Not(nnx.Param))``)."""
+        return nnx.merge(self.graphdefs[name], params, rest, copy=True)
+
+    def split(self, state: TrainState, name: str) -> tuple[nnx.State, nnx.State]:
+        """(trainable parameters, other variables) of model ``name``."""
+        return split_params(state.models[name])
+
+    def apply_gradients(self, state: TrainState, grads: Mapping[str, nnx.State],
+                        rest: Mapping[str, nnx.State] | None = None) -> TrainState:
+        """One optimizer update of every trained model from its ``grads`` (over its parameters);
+        ``rest`` replaces a model's non-parameter variables (e.g. batch statistics the forward pass
+        updated). Models not in ``grads`` keep their state. Returns the state one step later."""
+        unknown = sorted(set(grads) - set(self.txs))
+        if unknown:
+            raise ValueError(f"gradients for {unknown}, which have no optimizer; trained models: {sorted(self.txs)}")
+        models, opt_states = dict(state.models), dict(state.opt_states)
+        for name, g in grads.items():
+            params, other = split_params(state.models[name])
+            updates, opt_states[name] = self.txs[name].update(g, state.opt_states[name], params)
+            params = optax.apply_updates(params, updates)
+            if rest is not None and name in rest:
+                other = rest[name]
+            models[name] = nnx.merge_state(params, other)
+        for name, other in (rest or {}).items():
+            if name not in grads:
+                models[name] = nnx.merge_state(split_params(state.models[name])[0], other)
+        return TrainState(step=state.step + 1, models=models, opt_states=opt_states)
 
 
-def build(config, mesh: Mesh, total_steps: int, *, model_cfg: clip.CLIPConfig | None = None) -> Setup:
-    """Optimizer, shardings and the jitted step for ``config`` (its ``model``, ``optim`` and
-    ``sharding`` sections) on ``mesh``. Only shapes are used: no parameters are created.
-
-    ``total_steps`` (train steps) sets the length of decaying learning-rate schedules.
-    """
-    cfg = model_cfg or clip.config_from_model_config(config.model)
-    abstract_model = clip.abstract(cfg)
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    accumulate = int(config.optim.get("accumulate_steps", 1))
-    tx, lr_schedule = optim.make(config.optim, abstract_params, max(total_steps // accumulate, 1))
-    rules = parallel.check_rules(config.get("sharding", {}).get("rules", parallel.DEFAULT_RULES))
-
-    param_shardings = parallel.tree_shardings(abstract_params, clip_model.logical_axes, rules, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+def layout(abstract_models: Mapping[str, nnx.Module], txs: Mapping[str, optax.GradientTransformation], mesh: Mesh,
+           rules, logical_axes: Mapping[str, Callable[[tuple], tuple]]) -> Layout:
+    """The placement of a TrainState over ``mesh`` from abstract models (``nnx.eval_shape``: no
+    arrays are created). ``txs`` holds the optimizer of each trained model (a subset of the models);
+    ``logical_axes[name](path)`` gives the logical axis names of each variable of model ``name``."""
+    unknown = sorted(set(txs) - set(abstract_models))
+    if unknown:
+        raise ValueError(f"optimizers for {unknown}, which are not among the models {sorted(abstract_models)}")
+    rules = parallel.check_rules(rules)
     replicated = parallel.replicated(mesh)
-    opt_shardings = _follow_params(abstract_opt, param_shardings, replicated)
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        params=_with_shardings(abstract_params, param_shardings),
-        opt_state=_with_shardings(abstract_opt, opt_shardings),
-    )
-    batch_sharding = parallel.batch_sharding(mesh)
-    # with FSDP, keep activations split by batch (replicated weights need no constraint)
-    sharded_params = parallel.sharded_count(param_shardings)[0] > 0
-    step = jax.jit(
-        make_step_fn(graphdef, tx, lr_schedule, accumulate, activations=batch_sharding if sharded_params else None),
-        in_shardings=(shardings, {"image": batch_sharding, "ids": batch_sharding}),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
-    )
-    return Setup(config=config, mesh=mesh, model_config=cfg, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                 state_shardings=shardings, abstract_state=abstract_state, step=step,
-                 image_size=cfg.vision.image_size, context_length=cfg.text.context_length)
+    graphdefs, model_shardings, abstract_models_out, opt_shardings, abstract_opts = {}, {}, {}, {}, {}
+    for name, module in abstract_models.items():
+        graphdef, abstract_state = nnx.split(module)
+        graphdefs[name] = graphdef
+        shardings = parallel.tree_shardings(abstract_state, logical_axes[name], rules, mesh)
+        model_shardings[name] = shardings
+        abstract_models_out[name] = with_shardings(abstract_state, shardings)
+        if name in txs:
+            params, _ = split_params(abstract_state)
+            param_shardings, _ = split_params(shardings) if isinstance(shardings, nnx.State) else (shardings, None)
+            abstract_opt = jax.eval_shape(txs[name].init, params)
+            opt_shardings[name] = follow_params(abstract_opt, params, param_shardings, replicated)
+            abstract_opts[name] = with_shardings(abstract_opt, opt_shardings[name])
+    shardings = TrainState(step=replicated, models=model_shardings, opt_states=opt_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), models=abstract_models_out,
+                          opt_states=abstract_opts)
+    return Layout(mesh=mesh, graphdefs=graphdefs, txs=dict(txs), shardings=shardings, abstract=abstract)
 
 
-def _follow_params(opt_state, param_shardings, default: NamedSharding):
-    """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has its shape
-    (Adam's moments, accumulated gradients) is placed like that parameter; the rest (counters)
-    replicated."""
-    by_name = {optim.path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(
-        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+def follow_params(opt_state, params, param_shardings, default: NamedSharding):
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path and that has that
+    parameter's shape (Adam's moments, accumulated gradients) is placed like the parameter; every
+    other leaf (counters, factored statistics, per-row scales) is replicated."""
+    is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
+    shapes = {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    by_name = {optim.path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings,
+                                                                                      is_leaf=is_sharding)}
 
     def one(path, leaf):
         parts = optim.path_name(path).split(".")
         for i in range(len(parts)):
-            sharding = by_name.get(".".join(parts[i:]))
-            if sharding is not None:
-                return sharding if len(sharding.spec) <= leaf.ndim else default
+            name = ".".join(parts[i:])
+            if name in by_name:
+                return by_name[name] if tuple(leaf.shape) == shapes[name] else default
         return default
 
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
-def _with_shardings(tree, shardings):
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of ``tree``'s leaves carrying ``shardings`` (a matching tree)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 

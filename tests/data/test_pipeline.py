@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgist.models.clip import tokenizer
 from jaxgist.data import images, pipeline, synthetic
+from jaxgist.models.clip import tokenizer
 
 NUM_IMAGES, NUM_CAPTIONS, SIZE = 12, 2, 32
 
@@ -142,14 +142,18 @@ def test_eval_batches_in_order_with_a_short_last_batch(source):
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(NUM_IMAGES))
 
 
-def test_missing_image_is_an_error_or_a_counted_skip(source, tmp_path):
-    broken = [dict(r) for r in source[:5]]
+@pytest.mark.parametrize("workers", [0, 1])
+def test_missing_image_is_an_error_or_a_counted_skip(source, tmp_path, workers):
+    """Counted in this process also when a grain worker process skipped it."""
+    broken = [dict(r) for r in source[:7]]
     broken[2]["path"] = str(tmp_path / "absent.png")
     with pytest.raises(FileNotFoundError, match="absent.png"):
         list(iter(pipeline.eval_dataset(broken, image_size=SIZE, batch_size=5)))
     before = len(pipeline.skipped_images())
-    batches = list(iter(pipeline.eval_dataset(broken, image_size=SIZE, batch_size=5, skip_unreadable=True)))
-    assert np.concatenate([b["index"] for b in batches]).tolist() == [0, 1, 3, 4]
+    batches = list(iter(pipeline.eval_dataset(broken, image_size=SIZE, batch_size=3, skip_unreadable=True,
+                                              workers=workers)))
+    assert np.concatenate([b["index"] for b in batches]).tolist() == [0, 1, 3, 4, 5, 6]
+    assert all(set(b) == {"image", "label", "index"} for b in batches)  # the skip report is removed
     assert pipeline.skipped_images()[before:] == [str(tmp_path / "absent.png")]
 
 

@@ -115,6 +115,31 @@ def test_gist_source_and_descriptions_read_it(dataset):
         assert set(json.load(f)) == {r["filename"] for r in rows if r["split"] == "train"}
 
 
+def test_coder_knowledge_file(dataset, tmp_path):
+    """coder_knowledge.json: the classes in label order with their drawn attributes, pairs within a genus
+    (its content against the CODER loader: tests/heads/test_coder.py)."""
+    assert os.path.basename(dataset.coder_knowledge) == "coder_knowledge.json"
+    with open(dataset.coder_knowledge) as f:
+        knowledge = json.load(f)
+    assert set(knowledge) == {"version", "templates", "classes", "pairs"} and knowledge["version"] == 1
+    assert [c["name"] for c in knowledge["classes"]] == list(dataset.class_names)
+    species = synthetic.species_list(8)
+    for sp, c in zip(species, knowledge["classes"]):
+        assert len(c["attributes"]) == 7 and c["synonyms"][0].startswith(sp.genus.lower() + " with ")
+        assert f"{sp.wing_colour} wings" in c["attributes"]
+        assert sorted(c["analogous"]) == sorted(o.name for o in species if o.genus == sp.genus and o != sp)
+    assert set(knowledge["pairs"]) == {f"{i},{j}" for i in range(8) for j in range(8)
+                                       if i != j and species[i].genus == species[j].genus}
+    # A dataset written before datasets carried the file gets it when reused.
+    params = dict(num_classes=2, train_per_class=1, val_per_class=0, test_per_class=0, image_size=32, shots=())
+    old = synthetic.write_dataset(tmp_path / "old", **params)
+    expected = pathlib.Path(old.coder_knowledge).read_bytes()
+    os.remove(old.coder_knowledge)
+    again = synthetic.write_dataset(tmp_path / "old", **params)
+    assert not again.created and pathlib.Path(again.coder_knowledge).read_bytes() == expected
+    assert sorted(p.name for p in (tmp_path / "old").iterdir() if ".tmp" in p.name) == []
+
+
 def test_few_shot_metadata(dataset):
     full = read_rows(dataset.metadata)
     chosen = {}

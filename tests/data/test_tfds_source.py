@@ -24,11 +24,10 @@ from PIL import Image
 from tensorflow_datasets.datasets.oxford_flowers102 import oxford_flowers102_dataset_builder as flowers_builder
 from tensorflow_datasets.image_classification import caltech_birds, cars196
 
-from jaxgist.models.clip import tokenizer
-from jaxgist.data import images, pipeline
-from jaxgist.data import tfds_source
+from jaxgist.data import images, pipeline, tfds_source
 from jaxgist.data.sources import DataError, class_key
 from jaxgist.data.tfds_source import TfdsLayout, TfdsSource, match_caption_keys, readable_class_name
+from jaxgist.models.clip import tokenizer
 
 CUB = tfds_source._CUB_CLASSES
 NAMES = ("caltech_birds2011", "oxford_flowers102", "cars196")

@@ -117,7 +117,7 @@ def test_zero_shot_matches_numpy(monkeypatch):
     # Class 0 has only its name: its score is 100 * that cosine.
     np.testing.assert_allclose(logits[:, 0] / 100, _np_cos(x, t)[:, 0], atol=1e-5)
     # Chunked (padded last chunk) gives the same numbers.
-    monkeypatch.setattr(coder, "_CHUNK", 16)
+    monkeypatch.setattr(coder.scores, "_CHUNK", 16)
     np.testing.assert_allclose(coder.zero_shot_logits(x, t, seg), logits, atol=1e-4)
 
 
@@ -137,7 +137,7 @@ def test_rerank_matches_numpy(monkeypatch):
         np.testing.assert_array_equal(out.logits[~out.reranked], logits[~out.reranked])
         np.testing.assert_array_equal(np.sort(out.logits, axis=1), np.sort(logits, axis=1))
     assert out.reranked.all() and out.changed.any()  # threshold 2: every image is re-scored
-    monkeypatch.setattr(coder, "_CHUNK", 16)
+    monkeypatch.setattr(coder.scores, "_CHUNK", 16)
     chunked = coder.rerank(x, logits, table, threshold=2.0)
     np.testing.assert_array_equal(chunked.predictions, out.predictions)
 
@@ -295,8 +295,57 @@ def birds(tmp_path_factory):
                                    val_per_class=1, test_per_class=1, image_size=32, shots=(1,))
 
 
-def test_knowledge_from_synthetic(birds, tmp_path):
-    knowledge = coder.knowledge_from_synthetic(birds.attributes, class_names=birds.class_names)
+def _articles(text):
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
+
+
+def _expected_synthetic_knowledge(attributes_path):
+    """The knowledge the GIST job used for the synthetic birds before the dataset wrote its own file
+    (``knowledge_from_synthetic(attributes_path)``, pairs within a genus), rebuilt from attributes.json."""
+    classes_attrs = json.load(open(attributes_path))["classes"]
+    names = list(classes_attrs)
+    attrs = [classes_attrs[n] for n in names]
+    phrases = []
+    for a in attrs:
+        b, p = a["body_colour"], a["pattern_colour"]
+        body = {"plain": f"a plain {b} body", "striped": f"a {b} body with {p} stripes",
+                "spotted": f"a {b} body with {p} spots", "checkered": f"a {b} and {p} checkered body"}[a["pattern"]]
+        parts = {"shape": f"a {a['body_shape']} body shape", "body": body, "head": f"a {a['head_colour']} head",
+                 "wings": f"{a['wing_colour']} wings", "crest": f"a {a['crest']} crest" if a["crest"] else "no crest",
+                 "beak": f"a {a['beak_colour']} beak", "tail": f"a {a['tail']} {a['wing_colour']} tail"}
+        phrases.append({k: _articles(v) for k, v in parts.items()})
+    part_of = {"crest": "crest", "wing": "wings", "pattern": "body", "beak": "beak", "tail": "tail", "head": "head"}
+    genus = [a["genus"] for a in attrs]
+    classes = []
+    for i, name in enumerate(names):
+        dist = [d for d in attrs[i]["distinguishing"] if d in part_of]
+        key = (" and ".join(phrases[i][part_of[d]] for d in dist) if dist
+               else f"{phrases[i]['body']} and {phrases[i]['wings']}")
+        classes.append({"name": name, "synonyms": [_articles(f"{genus[i].lower()} with {key}")],
+                        "attributes": list(phrases[i].values()),
+                        "analogous": [names[j] for j in range(len(names)) if j != i and genus[j] == genus[i]]})
+    pairs = {}
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if i == j or genus[i] != genus[j]:
+                continue
+            texts = []
+            for part, mine in phrases[i].items():
+                if mine != phrases[j][part]:
+                    texts.append(_articles(f"a {names[i]} has {mine}, while a {names[j]} has {phrases[j][part]}."))
+                    texts.append(_articles(f"a {names[i]} differs from a {names[j]} in having {mine}."))
+            if texts:
+                pairs[f"{i},{j}"] = texts
+    templates = {"name": "a photo of a {name}, a type of bird.",
+                 "attribute": "a photo of a {name}, a type of bird, which has {attribute}.",
+                 "analogous": "a photo of a {name}, a bird similar to the {analogous}."}
+    return coder.parse_knowledge({"templates": templates, "classes": classes, "pairs": pairs})
+
+
+def test_synthetic_dataset_writes_its_knowledge(birds, tmp_path):
+    knowledge = coder.load_knowledge(birds.coder_knowledge, class_names=birds.class_names)
+    assert knowledge == _expected_synthetic_knowledge(birds.attributes)
+    assert json.load(open(birds.coder_knowledge)) == coder.knowledge_to_json(knowledge)
     path = coder.write_knowledge(tmp_path / "birds.json", knowledge)
     assert coder.load_knowledge(path, class_names=birds.class_names) == knowledge
     attrs = json.load(open(birds.attributes))["classes"]
@@ -315,8 +364,6 @@ def test_knowledge_from_synthetic(birds, tmp_path):
         assert differing and len(texts) == 2 * len(differing)
         assert all(a.name in t and b.name in t for t in texts)
         assert any(differing[0] in t for t in texts)
-    everything = coder.knowledge_from_synthetic(birds.attributes, pairs="all")
-    assert len(everything.pairs) == 8 * 7
 
 
 def test_knowledge_from_class_names(birds, tmp_path):
@@ -347,8 +394,8 @@ def test_knowledge_from_class_names(birds, tmp_path):
 
 def test_encode_knowledge_with_tiny_clip():
     from jaxgist.evaluation import embeddings
-    from jaxgist.models.clip import tokenizer
     from jaxgist.models import clip
+    from jaxgist.models.clip import tokenizer
 
     tiny = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
                 text=dict(width=32, layers=1, heads=2, mlp_dim=64), embed_dim=16)

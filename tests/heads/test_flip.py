@@ -4,6 +4,7 @@ accuracy on separable data, validation-only selection, input checks."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
@@ -198,12 +199,50 @@ def test_hybrid_batchnorm_training_mode_matches_numpy():
     z = rng.normal(size=(16, D_IMG + D_CAP)).astype(np.float32)
     mask = np.arange(16) < 11  # a partial batch: 11 real rows, 5 of padding that must not count
     z[11:] = 100.0
-    logits, mean, var = jax.device_get(flip._hybrid_train_forward(params, z, mask, 0.1, 1e-5))
+    model = flip._hybrid_model(params, bn_momentum=0.1, bn_eps=1e-5)
+    logits = model(jnp.asarray(z), use_running_average=False, mask=jnp.asarray(mask))  # training mode
+    logits, mean, var = jax.device_get((logits, model.norm.mean[...], model.norm.var[...]))
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
     ref_logits, ref_mean, ref_var = _numpy_bn_train(p64, z[:11].astype(np.float64))
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, ref_var, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits[:11], ref_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm1d_matches_pytorch():
+    """Running statistics over several training steps (unbiased variance, momentum 0.1) and eval mode,
+    against torch.nn.BatchNorm1d; nnx.BatchNorm (biased running variance) would not match."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(loc=1.0, scale=2.0, size=(m, 6)).astype(np.float32) for m in (8, 5, 3)]
+    ours = flip.BatchNorm1d(6, momentum=0.1, eps=1e-5)
+    ref = torch.nn.BatchNorm1d(6, momentum=0.1, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        ref.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+    ours.scale[...] = jnp.linspace(0.5, 1.5, 6)
+    ours.bias[...] = jnp.linspace(-0.2, 0.3, 6)
+    ref.train()
+    for b in batches:
+        out = ours(jnp.asarray(b))
+        with torch.no_grad():
+            expected = ref(torch.from_numpy(b)).numpy()
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.mean[...]), ref.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.var[...]), ref.running_var.numpy(), rtol=1e-6, atol=1e-6)
+    ref.eval()
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), use_running_average=True)), expected, rtol=1e-5,
+                               atol=1e-5)
+    # nnx.BatchNorm with PyTorch's momentum keeps the biased variance: a different running variance
+    nnx_bn = nnx.BatchNorm(6, momentum=0.9, use_fast_variance=False, rngs=nnx.Rngs(0))
+    for b in batches:
+        nnx_bn(jnp.asarray(b))
+    assert not np.allclose(np.asarray(nnx_bn.var[...]), ref.running_var.numpy(), rtol=1e-4)
 
 
 def _numpy_sgd_step(p, z, y, lr, momentum=0.1, eps=1e-5):
@@ -243,7 +282,8 @@ def test_hybrid_training_loop_matches_numpy():
     head = flip.hybrid_head(x, cx, y, xv, cxv, yv, C, hidden=hidden, lr=lr, epochs=epochs, batch_size=batch_size,
                             seed=seed)
     init_key, shuffle_key = flip._hybrid_keys(seed)
-    p = {k: np.asarray(v, np.float64) for k, v in flip._hybrid_init(init_key, D_IMG + D_CAP, hidden, C).items()}
+    p = {k: np.asarray(v, np.float64)
+         for k, v in flip._hybrid_params(flip._hybrid_init(init_key, D_IMG + D_CAP, hidden, C)).items()}
     z, zv = np.concatenate([x, cx], 1).astype(np.float64), np.concatenate([xv, cxv], 1).astype(np.float64)
     curve, losses = [], []
     for e in range(epochs):

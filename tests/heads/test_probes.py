@@ -9,8 +9,8 @@ import pytest
 import scipy.special
 from sklearn.linear_model import LogisticRegression
 
-from jaxgist.heads import probes
 from jaxgist.evaluation.accuracy import topk_accuracy
+from jaxgist.heads import probes
 
 NUM_CLASSES, DIM = 6, 24
 

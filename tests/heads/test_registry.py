@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxgist.heads import coder
 from jaxgist.evaluation import accuracy as evaluation
+from jaxgist.heads import coder
 from jaxgist.heads import registry as heads
 from jaxgist.heads import tip_adapter
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgist.methods import caption_matching
-from jaxgist.models.clip import tokenizer
 from jaxgist.data import images, sources, synthetic, transforms
 from jaxgist.data.sources import DataError, GistSource
+from jaxgist.methods import caption_matching
 from jaxgist.models import clip
+from jaxgist.models.clip import tokenizer
 
 TINY = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
             text=dict(width=32, layers=1, heads=2, mlp_dim=64), embed_dim=16)

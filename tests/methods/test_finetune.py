@@ -14,14 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxgist.training import checkpoint
 from jaxgist.core import config as config_lib
-from jaxgist.methods import finetune
-from jaxgist.training import metrics
-from jaxgist.training import optim
-from jaxgist.training import parallel
-from jaxgist.training import train_state as train
 from jaxgist.main import run_job
+from jaxgist.methods import finetune, finetune_step
+from jaxgist.training import checkpoint, metrics, optim, parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -121,7 +117,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, syntheti
     again = subprocess.run(_command(run, synthetic_dir, steps), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    resumed = json.loads((run / "results.json").read_text())["finetune"]
+    resumed = json.loads((run / "results.json").read_text())["run"]["finetune"]
     assert 0 < resumed["start_step"] <= killed_at, (resumed, killed_at)
     assert_trees_equal(saved_state(run, steps), saved_state(tmp_path / "ref", steps))
 
@@ -142,13 +138,13 @@ def test_resume_on_another_mesh_and_export_to_hugging_face(tmp_path, synthetic_d
     c2 = small(synthetic_dir, steps=6, save_every=2, eval_every=0)
     c2.mesh = (("data", 4), ("fsdp", 2))
     mesh = parallel.make_mesh(c2.mesh)
-    setup = train.build(c2, mesh, 6, model_cfg=finetune.clip.config_from_model_config(c2.model))
+    setup = finetune_step.build(c2, mesh, 6, model_cfg=finetune.clip.config_from_model_config(c2.model))
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
     state = ckpt.restore_state_only(4, setup.abstract_state.as_dict())
     ckpt.close()
-    fc1 = state["params"]["vision_model"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
+    fc1 = state["models"]["clip"]["vision_model"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp")
-    assert_trees_equal(jax.device_get(state["params"]), saved["params"])
+    assert_trees_equal(jax.device_get(state["models"]["clip"]), saved["models"]["clip"])
 
     # Running on with the new mesh resumes at step 4.
     second = run_job(c2, str(tmp_path))["finetune"]
@@ -156,7 +152,7 @@ def test_resume_on_another_mesh_and_export_to_hugging_face(tmp_path, synthetic_d
 
     # export_hf wrote the step-4 parameters where transformers can load them.
     hf = transformers.CLIPModel.from_pretrained(first["export_hf"])
-    ours = flat(saved["params"])["vision_model.encoder.layers.0.mlp.fc1.kernel"]
+    ours = flat(saved["models"]["clip"])["vision_model.encoder.layers.0.mlp.fc1.kernel"]
     np.testing.assert_allclose(hf.vision_model.encoder.layers[0].mlp.fc1.weight.detach().numpy(),
                                np.asarray(ours).T, atol=0)
     # and export_hf of any saved step works after the fact
@@ -188,6 +184,51 @@ def test_evaluation_and_best_checkpoint(tmp_path, synthetic_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
 
+def test_evaluate_and_watch_modes_score_saved_checkpoints(tmp_path, synthetic_dir):
+    """mode=evaluate scores one saved step with the weights training evaluated (same figure); mode=watch
+    scores every saved step and stops once the last step is done; both add to results.json."""
+    c = small(synthetic_dir, steps=6, save_every=2, eval_every=3, keep=1, best_metric="zero_shot_top1")
+    trained = run_job(c, str(tmp_path))["finetune"]
+    logged = {r["step"]: r["val/zero_shot_top1"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")
+              if "val/zero_shot_top1" in r}
+    assert sorted(logged) == [3, 6]
+    ckpt = finetune.checkpointer(c, tmp_path)
+    saved, best = ckpt.all_steps(), ckpt.best_step()
+    ckpt.close()
+    assert best in (3, 6) and saved == sorted({best, 6})  # step 4 (not evaluated) is never the best
+
+    c.mode = "evaluate"
+    c.evaluate.step = 3 if 3 in saved else -1
+    step = c.evaluate.step if c.evaluate.step > 0 else 6
+    out = run_job(c, str(tmp_path))["finetune"]
+    assert list(out) == [f"step_{step}"]
+    assert out[f"step_{step}"]["zero_shot"]["val_top1"] == pytest.approx(logged[step], abs=1e-9)
+    c.evaluate.step = 5
+    with pytest.raises(FileNotFoundError, match=r"step 5 is not saved .*saved steps: \["):
+        run_job(c, str(tmp_path))
+
+    c.mode = "watch"
+    c.evaluate.update(dict(step=-1, watch_interval_s=0.1, watch_timeout_s=5.0))
+    watched = run_job(c, str(tmp_path))["finetune"]
+    assert sorted(watched) == [f"step_{s}" for s in saved]
+    for name, heads in watched.items():
+        assert heads["zero_shot"]["val_top1"] == pytest.approx(logged[int(name[5:])], abs=1e-9)
+        assert heads["zero_shot"]["val_images"] == 16
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["run"]["finetune"]["final_loss"] == trained["final_loss"]  # the training figures are kept
+    assert sorted(written["finetune"]) == [f"step_{s}" for s in saved]
+    assert (tmp_path / "eval" / "metrics.jsonl").exists()
+
+
+def test_watch_without_checkpoints_stops_after_the_timeout(tmp_path, synthetic_dir):
+    c = small(synthetic_dir, steps=4)
+    c.mode = "watch"
+    c.evaluate.update(dict(watch_interval_s=0.1, watch_timeout_s=0.5))
+    t0 = time.perf_counter()
+    assert run_job(c, str(tmp_path))["finetune"] == {}
+    assert time.perf_counter() - t0 < 60
+
+
 def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2, best_metric="acc", async_save=False)
     for step, acc in enumerate([0.1, 0.9, 0.2, 0.3, 0.4], start=1):
@@ -214,6 +255,8 @@ def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
     (lambda c: c.train.__setattr__("best_metric", "zero_shot_top1") or c.train.__setattr__("eval_every", 0),
      r"config\.train\.best_metric='zero_shot_top1' needs evaluation"),
     (lambda c: c.train.__setattr__("global_batch", 12), r"global_batch=12 is not divisible by the 8"),
+    (lambda c: c.__setattr__("mode", "eval"), r"config\.mode='eval' is not one of"),
+    (lambda c: c.evaluate.__setattr__("watch_timeout_s", 0.0), r"watch_timeout_s must be > 0"),
     (lambda c: c.data.__setattr__("train_split", "test"), r"the test split is never trained or selected on"),
 ])
 def test_bad_configs_fail_at_start_naming_the_key(tmp_path, synthetic_dir, edit, match):

@@ -13,7 +13,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from configs import flip as flip_config  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------------
 # configs/flip.py: FLIP's caption-only fine-tuning, train split only
 # --------------------------------------------------------------------------------------------------

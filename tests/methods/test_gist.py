@@ -1,19 +1,19 @@
 """GIST stages: embeddings from an Orbax checkpoint, config checks, bad input."""
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from jaxgist.training import checkpoint
 from jaxgist.core import config as config_lib
-from jaxgist.evaluation import embeddings
-from jaxgist.methods import gist
-from jaxgist.training import optim
-from jaxgist.training import parallel
-from jaxgist.training import train_state as train
+from jaxgist.core import results
 from jaxgist.data import sources, synthetic
+from jaxgist.evaluation import embeddings
+from jaxgist.methods import finetune_step, gist
 from jaxgist.models import clip
+from jaxgist.training import checkpoint, optim, parallel
 
 TINY = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
             text=dict(context_length=77, width=32, layers=1, heads=2, mlp_dim=64), embed_dim=16)
@@ -31,7 +31,7 @@ def test_embeddings_from_an_orbax_checkpoint_equal_the_in_memory_model(tmp_path,
     c.optim.lr = 1e-3
     mesh = parallel.make_mesh((("data", 4), ("fsdp", 2)))
     model = clip.from_config(c.model, seed=0)
-    setup = train.build(c, mesh, 2, model_cfg=model.config)
+    setup = finetune_step.build(c, mesh, 2, model_cfg=model.config)
     state = setup.init_state(model)
     rng = np.random.default_rng(0)
     sharding = parallel.batch_sharding(mesh)
@@ -79,10 +79,19 @@ def test_embeddings_file_round_trip(tmp_path):
     (lambda c: c.gist.__setattr__("probes", ("svm",)), r"unknown probe\(s\) \['svm'\]"),
     (lambda c: c.gist.__setattr__("match_k", 3), r"num_captions=5 exceeds config\.gist\.match_k=3"),
     (lambda c: c.gist.__setattr__("probe_lr", 0.1), r"config\.gist\.probe_lr is not a known key"),
+    # the fine-tuning stage's values fail before matching runs, not after
+    (lambda c: c.optim.__setattr__("name", "lamb"), r"config\.optim\.name='lamb' is not one of"),
+    (lambda c: c.__setattr__("mesh", (("data", 3),)), r"mesh .* has 3 devices, but 8 are available"),
+    (lambda c: c.train.__setattr__("save_every", 0), r"config\.train\.save_every=0 must be >= 1"),
+    (lambda c: c.pretrain.__setattr__("lr", -1.0), r"the pretrain stage .*config\.optim\.lr=-1\.0 must be > 0"),
+    (lambda c: c.data.__setattr__("workers", -1), r"config\.data\.workers must be >= 0"),
+    (lambda c: c.__setattr__("mode", "watch"), r"config\.mode='watch': GIST runs its stages"),
 ])
 def test_bad_gist_configs_are_named(edit, match):
     c = gist.default_config()
     c.data.source = "synthetic"
+    c.gist.stages = ("pretrain", "match", "finetune", "embed", "evaluate")
+    c.model.preset = "ViT-B/32"
     with c.unlocked():
         edit(c)
     with pytest.raises(config_lib.ConfigError, match=match):
@@ -90,10 +99,46 @@ def test_bad_gist_configs_are_named(edit, match):
 
 
 def test_comparison_table_rows():
-    res = {"linear_probe_sgd/finetuned": {"test_top1": 0.5, "test_top3": 0.75, "test_top1_bootstrap_std": 0.01,
-                                          "val_top1": 0.4},
-           "zero_shot/pretrained": {"test_top1": 0.25}, "finetune": {"steps": 3}}
-    table = gist.comparison_table(res)
-    assert "| linear_probe_sgd | finetuned | 50.0 ± 1.0 | 75.0 | 40.0 |" in table
-    assert "| zero_shot | pretrained | 25.0 | - | - |" in table
-    assert len(table.strip().splitlines()) == 4  # header, rule, two heads: "finetune" is not a head
+    table = {"finetuned": {"linear_probe_sgd": {"test_top1": 0.5, "test_top3": 0.75, "test_top1_bootstrap_std": 0.01,
+                                                "val_top1": 0.4, "epoch": 12}},
+             "pretrained": {"zero_shot": {"test_top1": 0.25}}}
+    out = results.comparison_table(table)
+    assert "| linear_probe_sgd | finetuned | 50.0 ± 1.0 | 75.0 | 40.0 |" in out
+    assert "| zero_shot | pretrained | 25.0 | - | - |" in out
+    assert len(out.strip().splitlines()) == 4  # header, rule, one row per (head, model)
+
+
+def test_results_schema_is_checked_and_merged(tmp_path):
+    results.write(tmp_path, "gist", {"pretrained": {"zero_shot": {"test_top1": 0.25}}}, run={"stages": {"a": 1}})
+    merged = results.write(tmp_path, "gist", {"finetuned": {"zero_shot": {"test_top1": 0.5}}},
+                           run={"stages": {"b": 2}})
+    assert merged["gist"] == {"pretrained": {"zero_shot": {"test_top1": 0.25}},
+                              "finetuned": {"zero_shot": {"test_top1": 0.5}}}
+    assert merged["run"]["gist"]["stages"] == {"a": 1, "b": 2}
+    assert json.loads((tmp_path / "results.json").read_text()) == merged
+    md = (tmp_path / "results.md").read_text()
+    assert "| zero_shot | pretrained | 25.0 |" in md and "| zero_shot | finetuned | 50.0 |" in md
+    for bad, match in [({"m": {"h": {"top1": [1, 2]}}}, r"\['m'\]\['h'\]\['top1'\] = \[1, 2\] is not a number"),
+                       ({"m": {"h": 0.5}}, r"\['m'\]\['h'\] must map metric names"),
+                       ({"m": 0.5}, r"\['m'\] must map heads")]:
+        with pytest.raises(results.ResultsError, match=match):
+            results.write(tmp_path, "gist", bad)
+    assert json.loads((tmp_path / "results.json").read_text()) == merged  # a refused write changes nothing
+
+
+@pytest.mark.parametrize("match_k", [5, 10])
+def test_later_stages_read_the_captions_of_match_k(tmp_path, monkeypatch, match_k):
+    """captions_top5.json sorts after captions_top10.json: the file is named by gist.match_k, not found
+    by sorting."""
+    for k in (5, 10):
+        (tmp_path / "match").mkdir(exist_ok=True)
+        (tmp_path / "match" / f"captions_top{k}.json").write_text("{}")
+    c = gist.default_config()
+    c.data.source = "synthetic"
+    c.gist.stages = ("finetune",)
+    c.gist.match_k = match_k
+    c.model.init = "ViT-B/32"
+    seen = []
+    monkeypatch.setattr(gist, "finetune_stage", lambda config, workdir, init, captions: seen.append(captions) or {})
+    gist.run(c, str(tmp_path))
+    assert seen == [str(tmp_path / "match" / f"captions_top{match_k}.json")]

@@ -14,8 +14,8 @@ import pytest
 
 from configs import finetune as finetune_config
 from jaxgist import aot
-from jaxgist.training import aot as training_aot
 from jaxgist.core.config import ConfigError
+from jaxgist.training import aot as training_aot
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -82,10 +82,10 @@ def test_tiny_training_config_compiles_for_v5e_2x2(v5e_2x2):
     assert r.total_bytes == (r.compiled_argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
                              + r.code_bytes)
     # the compiler's argument size is what the shardings say each chip holds (plus padding)
+    from jaxgist.methods import finetune_step
     from jaxgist.training import parallel
-    from jaxgist.training import train_state as train
 
-    setup = train.build(c, parallel.make_mesh(c.mesh, v5e_2x2), 10)
+    setup = finetune_step.build(c, parallel.make_mesh(c.mesh, v5e_2x2), 10)
     held = aot.bytes_per_device((setup.abstract_state, setup.abstract_batch(c.train.global_batch)))
     assert r.argument_bytes == held
     assert held <= r.compiled_argument_bytes < 1.1 * held
@@ -119,9 +119,9 @@ def test_fsdp_needs_less_memory_per_chip_than_replication(v5e_2x2):
 def test_batch_that_does_not_divide_over_the_data_axes_fails_before_compiling(monkeypatch):
     import jax
 
-    from jaxgist.training import train_state as train
+    from jaxgist.methods import finetune_step
 
-    monkeypatch.setattr(train, "build", lambda *a, **k: pytest.fail("built the step for a bad batch"))
+    monkeypatch.setattr(finetune_step, "build", lambda *a, **k: pytest.fail("built the step for a bad batch"))
     devices = jax.devices()[:8]  # any 8 devices: the check comes before anything is compiled
     c = small_config(global_batch=12)
     c.mesh = (("data", 2), ("fsdp", 4))

@@ -24,11 +24,10 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_config
-from jaxgist.training import checkpoint
-from jaxgist.training import parallel
-from jaxgist.training import train_state as train
 from jaxgist.data import datasets
+from jaxgist.methods import finetune_step
 from jaxgist.models import clip
+from jaxgist.training import checkpoint, parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -109,7 +108,7 @@ def _restore_state(workdir: pathlib.Path, config, step: int):
     """The saved train state of ``step`` restored onto one device of this (8-device) process: the
     resume path onto a different topology than the one that saved it."""
     mesh = parallel.make_mesh((("data", -1),), devices=jax.devices()[:1])
-    setup = train.build(config, mesh, STEPS, model_cfg=clip.config_from_model_config(config.model))
+    setup = finetune_step.build(config, mesh, STEPS, model_cfg=clip.config_from_model_config(config.model))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         assert ckpt.all_steps() == [step], ckpt.all_steps()
@@ -152,8 +151,8 @@ def test_two_processes_match_one_process(tmp_path):
 
     # results.json: same final loss and the same zero-shot evaluation (the eval split is sharded
     # over the processes and padded; every image is counted once).
-    r1 = json.loads((single / "results.json").read_text())["finetune"]
-    r2 = json.loads((multi / "results.json").read_text())["finetune"]
+    r1 = json.loads((single / "results.json").read_text())["run"]["finetune"]
+    r2 = json.loads((multi / "results.json").read_text())["run"]["finetune"]
     assert r1["steps"] == r2["steps"] == STEPS
     assert r2["final_loss"] == pytest.approx(r1["final_loss"], abs=1e-5)
     assert r2["val_images"] == r1["val_images"] == config.data.synthetic.num_classes * config.data.synthetic.val_per_class

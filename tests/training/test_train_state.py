@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgist.training import losses
-from jaxgist.training import optim
-from jaxgist.training import parallel
-from jaxgist.training import train_state as train
+from jaxgist.methods import finetune_step
 from jaxgist.models import clip
+from jaxgist.training import losses, optim, parallel, train_state
 
 TINY = dict(
     vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64),
@@ -44,13 +42,13 @@ def batches(n, seed=0, batch=BATCH, size=32, ctx=16, vocab=99):
 
 
 def run_steps(c, mesh, data, model=None):
-    setup = train.build(c, mesh, total_steps=len(data), model_cfg=None if model is None else model.config)
+    setup = finetune_step.build(c, mesh, total_steps=len(data), model_cfg=None if model is None else model.config)
     state = setup.init_state(model if model is not None else clip.from_config(c.model, seed=0))
     sharding = parallel.batch_sharding(mesh)
     curve = []
     for b in data:
         state, m = setup.step(state, {k: jax.device_put(v, sharding) for k, v in b.items()})
-        curve.append(train.host_metrics(m))
+        curve.append(train_state.host_metrics(m))
     return state, curve
 
 

@@ -35,6 +35,28 @@ from jaxgist.models.clip.weights import (  # noqa: F401
 )
 
 
+def default_model_config(init: str = "ViT-B/32"):
+    """A job config's ``model`` section: ``init`` (hub name, HF directory or .pt; "" for a random
+    ``preset``), ``tokenizer`` ("": the bundled one), ``dtype`` (parameters), ``compute_dtype``
+    ("": the same), ``remat``."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(init=init, preset=None, tokenizer="", dtype="float32", compute_dtype="",
+                                          remat=False))
+
+
+def check_model_config(model_config) -> None:
+    """Raises ``ConfigError`` naming the key of a bad ``config.model`` value."""
+    from jaxgist.core.config import require
+
+    require(bool(model_config.init) or bool(model_config.preset),
+            "config.model.init (pretrained weights) or config.model.preset (random init) must be set")
+    for key in ("dtype", "compute_dtype"):
+        value = model_config[key]
+        require(not value or value in ("float32", "bfloat16", "float16"),
+                f"config.model.{key}={value!r} is not one of float32, bfloat16, float16")
+
+
 def _numerics(model_config):
     import jax.numpy as jnp
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgist.core import arrays
+
 LOGIT_SCALE_MAX = math.log(100.0)
 
 # The sharding of activations (batch axis over the mesh's data axes) inside a sharded train step.
@@ -386,8 +388,8 @@ class CLIP(nnx.Module):
 
 
 def normalize(x, eps: float = 0.0):
-    """L2-normalize the last axis."""
-    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+    """L2-normalize the last axis (``jaxgist.core.arrays.l2_normalize``)."""
+    return arrays.l2_normalize(jnp.asarray(x), eps=eps)
 
 
 def resolve_config(preset_or_config, **overrides) -> CLIPConfig:

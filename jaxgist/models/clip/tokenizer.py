@@ -3,24 +3,16 @@
 ``load()`` returns a :class:`CLIPTextTokenizer`; calling it on a string or a
 list of strings gives an ``int32`` array of shape ``[N, context_length]``::
 
-    tok = load()                       # bundled OpenAI CLIP vocabulary
+    tok = load()                       # bundled OpenAI CLIP vocabulary (or an HF directory / hub id)
     ids = tok(["a photo of a bird"])   # [1, 77]
+    ids = trim_padding(ids)            # drop padding columns no row needs (exact for CLIP's text tower)
 
 Each row is ``<start>``, the BPE tokens, ``<end>``, then padding with 0. Texts
 longer than the context are truncated and the end token is kept as the last
-token, as in OpenAI's ``clip.tokenize(..., truncate=True)``.
-
-The ids are those of OpenAI's reference tokenizer (``clip/simple_tokenizer.py``).
-Text cleaning (``ftfy.fix_text``, HTML unescaping, whitespace collapsing,
-lower-casing) and the split into words are done here in Python with OpenAI's
-exact rules; only the byte-level BPE of the words is delegated, as one batched
-call, to the Rust backend of ``transformers.CLIPTokenizer``. The Hugging Face
-tokenizer's own normalizer and pre-tokenizer are not used because they differ
-from OpenAI's on some inputs: no ftfy fixes (curly quotes, ligatures, full-width
-forms, C0/C1 control characters), no HTML unescaping, lower-casing without
-the final-sigma rule, NFC applied after lower-casing, special-token strings
-split off even when glued to punctuation, and no case-insensitive matching of
-contractions (OpenAI's pattern matches "'ſ" as "'s").
+token, as in OpenAI's ``clip.tokenize(..., truncate=True)``. Cleaning and word
+splitting follow OpenAI's ``clip/simple_tokenizer.py`` exactly (in Python); only
+the BPE runs in ``transformers.CLIPTokenizer``'s Rust backend. Why HF's own
+normalizer is not used: docs/methods/clip.md.
 """
 
 from __future__ import annotations
