@@ -12,11 +12,9 @@ a JSON ``{filename: [caption, ...]}`` (the first caption is used; convert the de
 
 Differences from FLIP's notebook, on purpose:
 - FLIP pairs every CUB image (``glob(images/**/*.jpg)``), test images included. Here only the
-  ``train`` split is read: ``data.train_split`` is "train" and ``data.eval_split`` is not "test",
-  checked by ``jaxgist.methods.flip.check_finetune_splits`` when this file builds the config.
-  ``jaxgist.methods.flip.finetune(config, workdir)`` (or ``jaxgist.methods.flip.validate_finetune``) also checks
-  command-line overrides and the data source itself; the generic launcher runs
-  ``jaxgist.methods.finetune.run``, which reads ``data.train_split`` as given, so do not override it.
+  ``train`` split is read: the job is ``method = "flip"`` (``jaxgist.methods.flip``), which checks
+  ``data.train_split`` is "train" and ``data.eval_split`` is not "test" after command-line
+  overrides, and that the data source itself reads the train split only.
 - fp32 weights (FLIP: fp16 on GPU with fp32 optimizer steps), the pairs shuffled every epoch (FLIP's
   DataLoader did not shuffle), and our training pipeline's random resized crop and flip (FLIP: CLIP's
   eval preprocessing only).
@@ -27,11 +25,11 @@ Arguments (``configs/flip.py:<arg>``):
            per image, CPU, well under a minute.
 """
 
-from jaxgist.methods import finetune, flip
+from jaxgist.methods import flip
 
 
 def get_config(arg: str = ""):
-    c = finetune.default_config()
+    c = flip.default_config()
     c.model.init = "ViT-B/32"
     c.data.source = "gist"
     c.data.train_split = "train"

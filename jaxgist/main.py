@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embe
 def run_job(config, workdir: str) -> dict:
     job = methods.get(config.get("method"))
     parallel.initialize_distributed(config)  # before anything touches the devices
+    files.check_workdir(workdir)
     files.makedirs(workdir)
     if jax.process_index() == 0:
         files.write_text_atomic(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))

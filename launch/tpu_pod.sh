@@ -35,7 +35,7 @@
 #   --remote-dir DIR   the checkout on the workers, relative to the home directory or absolute
 #                      (default: jaxgist)
 #   --sync             copy this checkout to REMOTE_DIR on every worker before running
-#   --install          create REMOTE_DIR/.venv and `pip install -e '.[tpu]'` on every worker first
+#   --install          create REMOTE_DIR/.venv and `pip install -e '.[tpu,gcs]' -c constraints.txt` on every worker first
 #   --env KEY=VALUE    export this variable for the job on every worker (repeatable), e.g.
 #                      --env LIBTPU_INIT_ARGS=... --env HF_HOME=/mnt/shared/hf
 #   --port PORT        coordinator port on worker 0 (default: 8476)
@@ -138,7 +138,7 @@ if [ "$install" = 1 ]; then
   on_all_workers "set -e; cd $q_dir
     python3 -m venv .venv 2>/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && python3 -m venv .venv; }
     .venv/bin/pip install -q -U pip
-    .venv/bin/pip install -q -e '.[tpu]'
+    .venv/bin/pip install -q -e '.[tpu,gcs]' -c constraints.txt
     .venv/bin/python -c 'import jax; print(jax.process_count(), \"process,\", jax.local_device_count(), \"local TPU devices\")'"
 fi
 

@@ -7,17 +7,42 @@ of one.
     text = files.read_text(p) if files.exists(p) else ""
 
 Paths go through ``etils.epath`` (the layer Orbax uses), so a ``gs://`` workdir works wherever
-Orbax's does.
+Orbax's does; etils reads buckets with gcsfs (``pip install -e ".[gcs]"``), whose directory listings
+are not cached here (a job watching a bucket must see the checkpoints another job writes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
 from typing import Any
 
 from etils import epath
+
+
+def _no_listing_cache() -> None:
+    """gcsfs caches directory listings for the life of the process; jobs here list checkpoint
+    directories that other processes (TensorStore, other hosts, a training job) write."""
+    try:
+        import fsspec
+    except ImportError:
+        return
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """Raises ValueError with the install command when ``workdir`` is a URL no installed client reads."""
+    url = os.fspath(workdir)
+    if url.startswith("gs://"):
+        if importlib.util.find_spec("gcsfs") is None:
+            raise ValueError(f"--workdir={url}: Cloud Storage workdirs need gcsfs: pip install -e \".[gcs]\"")
+    elif "://" in url:
+        raise ValueError(f"--workdir={url}: workdirs are local paths or gs:// URLs")
 
 
 def path(p: str | os.PathLike) -> epath.Path:

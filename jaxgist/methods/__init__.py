@@ -11,8 +11,10 @@ from types import ModuleType
 
 # config.method -> the module of its job
 REGISTRY = {
+    "caption_matching": "jaxgist.methods.caption_matching",
     "zero_shot": "jaxgist.methods.zero_shot",
     "finetune": "jaxgist.methods.finetune",
+    "flip": "jaxgist.methods.flip",
     "gist": "jaxgist.methods.gist",
 }
 

@@ -12,29 +12,40 @@ description, no template); they become its captions for contrastive fine-tuning.
 
 Ties go to the description listed first. What is scored, where we differ from GIST's script (never in the
 captions chosen, up to float rounding of near-equal scores) and measured parity: docs/methods/gist.md.
+
+As a job (``config.method = "caption_matching"``, ``configs/caption_matching.py``; also GIST's
+``match`` stage): ``match_split(config.model, config.data, workdir, out, k=...)`` writes
+``workdir/captions_top{k}.json`` from the data section's ``descriptions`` and train split.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxgist.core import arrays, files
-from jaxgist.data import pipeline
+from jaxgist.core import arrays
+from jaxgist.core import config as config_lib
+from jaxgist.core import files, results
+from jaxgist.data import datasets, pipeline, sources
 from jaxgist.data.sources import DataError, read_descriptions
 from jaxgist.evaluation import embeddings
+from jaxgist.models import clip
+from jaxgist.models.clip import tokenizer as tokenizer_lib
 from jaxgist.training import parallel
 
-__all__ = ["Matches", "match_indices", "match_captions", "write_captions", "match_to_file"]
+__all__ = ["Matches", "match_indices", "match_captions", "write_captions", "match_to_file", "match_split",
+           "default_config", "validate", "run"]
 
 # Seconds between progress lines of a long matching run.
 _LOG_EVERY_S = 15.0
@@ -327,3 +338,62 @@ def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     logging.info("caption matching: wrote top-%d captions of %d images to %s (%.1f s)", k, len(matches),
                  os.fspath(out_path), time.perf_counter() - t0)
     return matches
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the caption-matching job reads: GIST matches with CLIP ViT-B/32, top 5 per image."""
+    c = ml_collections.ConfigDict()
+    c.method = "caption_matching"
+    c.seed = 0
+    c.model = clip.default_model_config("ViT-B/32")
+    c.data = datasets.default_config()
+    c.match = ml_collections.ConfigDict(dict(k=5, batch_size=64))
+    return c
+
+
+def validate(config) -> None:
+    config_lib.check_keys(config, default_config(), free=("model.preset",))
+    req = config_lib.require
+    clip.check_model_config(config.model)
+    req(config.match.k >= 1 and config.match.batch_size >= 1, "config.match.k and config.match.batch_size must be >= 1")
+    check_data(config.data)
+
+
+def check_data(data) -> None:
+    """Matching reads GIST-format data (metadata CSV, images, class descriptions JSON)."""
+    config_lib.require(data.source in ("gist", "synthetic"),
+                       f"caption matching reads GIST-format descriptions; config.data.source={data.source!r} is "
+                       f"not 'gist' or 'synthetic'")
+    config_lib.require(data.source != "gist" or bool(data.descriptions),
+                       "config.data.descriptions (class key -> descriptions JSON) must be set for caption matching")
+    datasets.validate(data)
+
+
+def match_split(model_config, data, workdir, out, *, k: int, batch_size: int, seed: int = 0) -> dict:
+    """Matches the train split of the data section ``data`` with the CLIP of ``model_config`` and writes
+    ``out`` (GIST's captions JSON); returns the run's figures."""
+    paths = datasets.paths(data, workdir)
+    source = sources.GistSource(paths["metadata"], paths["image_dir"], split="train", check_files=data.check_files)
+    model = clip.from_config(model_config, seed=seed)
+    tokenize = tokenizer_lib.load(model_config.tokenizer or None)
+    t0 = time.perf_counter()
+    matches = match_to_file(model, tokenize, source, paths["descriptions"], out, k=k, batch_size=batch_size,
+                            workers=data.workers, skip_unreadable=data.skip_unreadable)
+    seconds = time.perf_counter() - t0
+    return {"images": len(matches), "k": k, "seconds": round(seconds, 2),
+            "images_per_s": round(len(matches) / max(seconds, 1e-9), 1), "captions": str(out)}
+
+
+def run(config, workdir: str) -> dict:
+    """Writes ``workdir/captions_top{k}.json``; the figures go to ``results.json`` (``run``)."""
+    validate(config)
+    workdir = pathlib.Path(workdir)
+    out = match_split(config.model, config.data, workdir, workdir / f"captions_top{config.match.k}.json",
+                      k=config.match.k, batch_size=config.match.batch_size, seed=config.seed)
+    if jax.process_index() == 0:
+        results.write(workdir, "caption_matching", {}, run=out)
+    return {"caption_matching": out}

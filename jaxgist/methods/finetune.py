@@ -147,6 +147,10 @@ def run(config, workdir: str) -> dict:
 def train(config, workdir: str) -> dict:
     """Fine-tunes CLIP as ``config`` says; returns and writes the results."""
     t_start = time.perf_counter()
+    config_lib.require(not config.train.export_hf or files.is_local(workdir),
+                       f"config.train.export_hf writes a Hugging Face directory with local file APIs; with the "
+                       f"bucket workdir {workdir}, export a saved step afterwards with "
+                       f"jaxgist.training.checkpoint.export_hf(workdir, config.model, local_dir)")
     workdir = files.path(workdir)
     mesh = parallel.make_mesh(config.mesh)
     check_batch(config, mesh)
@@ -206,8 +210,8 @@ def train(config, workdir: str) -> dict:
         table = {}
         if result.last_eval:
             table[f"step_{result.last_eval_step}"] = {"zero_shot": _eval_metrics(config, result.last_eval)}
-        results.write(workdir, "finetune", table, run=run_metadata(out))
-    return {"finetune": out}
+        results.write(workdir, config.method, table, run=run_metadata(out))
+    return {config.method: out}
 
 
 def _eval_metrics(config, metrics: dict) -> dict:
@@ -235,7 +239,8 @@ def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
     steps, _ = total_steps(config, len(source) * config.data.num_captions)
     setup = finetune_step.build(config, mesh, steps, model_cfg=clip.config_from_model_config(config.model))
     evaluator = Evaluator(config, setup, workdir, tokenizer.load(config.model.tokenizer or None))
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+    # read-only: a watcher must never clean up the save the training job has in flight
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
     logger = metrics_lib.MetricsLogger(workdir / "eval", total_steps=steps, global_batch=config.train.eval_batch)
     done: dict[str, dict] = {}
 
@@ -247,7 +252,7 @@ def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
         logging.info("evaluated step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         done[f"step_{step}"] = {"zero_shot": _eval_metrics(config, metrics)}
         if jax.process_index() == 0:
-            results.write(workdir, "finetune", {f"step_{step}": done[f"step_{step}"]})
+            results.write(workdir, config.method, {f"step_{step}": done[f"step_{step}"]})
 
     try:
         if not watch:
@@ -264,7 +269,7 @@ def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
     finally:
         logger.close()
         ckpt.close()
-    return {"finetune": done}
+    return {config.method: done}
 
 
 def _watch(ckpt: checkpoint.Checkpointer, evaluate_step, *, final_step: int, interval: float, timeout: float) -> None:

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxgist.models import clip
+from jaxgist.models import clip, layers
 from jaxgist.models.clip import model as clip_model
 from jaxgist.training import losses, optim, parallel, train_state
 
@@ -34,10 +34,10 @@ def make_step_fn(layout: train_state.Layout, lr_schedule: optax.Schedule, accumu
 
     Metrics: loss, grad_norm, lr, logit_scale (exp, after clamping) and in-batch retrieval top-1.
     ``activations``: the batch sharding every transformer block's input keeps
-    (``clip_model.activation_sharding``)."""
+    (``models.layers.activation_sharding``)."""
     def loss_fn(params, rest, batch):
         model = layout.module(MODEL, params, rest)
-        with clip_model.activation_sharding(activations):
+        with layers.activation_sharding(activations):
             logits_per_image, _ = model(batch["image"], batch["ids"])
         return losses.clip_loss(logits_per_image), (logits_per_image, model.scale())
 

@@ -1,14 +1,14 @@
-"""FLIP's caption-only contrastive fine-tuning (``configs/flip.py``): the fine-tuning job, checked to
-read the train split only.
+"""FLIP's caption-only contrastive fine-tuning (``config.method = "flip"``, ``configs/flip.py``): the
+fine-tuning job (``methods.finetune``), checked to read the train split only, whatever the command
+line overrides.
 
-FLIP (github.com/rohit901/flip, ``CLIP_CUB_zeroshot_KNN.ipynb``) pairs every CUB image with the first
-line of its description, test images included; here only the train split is read
-(``check_finetune_splits`` on the config, ``check_train_only`` on the source). FLIP's heads on frozen
-embeddings (k-NN, nearest centroid, the image + caption hybrid MLP) are ``jaxgist.heads.flip``.
+    python -m jaxgist --config configs/flip.py --workdir runs/flip-cub --config.data.metadata=...
+    flip.run(config, workdir)      # validate (splits included), check the source, then fine-tune
 
-    flip.finetune(config, workdir)     # validate, check the source, then methods.finetune.run
-
-FLIP's recipe and where we differ from it: docs/methods/flip.md.
+FLIP (github.com/rohit901/flip) pairs every CUB image with the first line of its description, test
+images included; here only the train split is read (``check_finetune_splits`` on the config,
+``check_train_only`` on the source). FLIP's heads on frozen embeddings are ``jaxgist.heads.flip``.
+Its recipe and where we differ from it: docs/methods/flip.md.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ _TRAIN_SPLIT = re.compile(r"train(\[[^\]+,]*\])?")  # "train", or a TFDS slice o
 def check_finetune_splits(config) -> None:
     """FLIP's fine-tuning read every CUB image, test included; ours must read the train split only.
 
-    Raises ``ConfigError`` unless ``config.method`` is "finetune", ``config.data.train_split`` is
+    Raises ``ConfigError`` unless ``config.method`` is "flip", ``config.data.train_split`` is
     "train" (or a TFDS slice of it, no "+" unions) and ``config.data.eval_split`` (zero-shot scoring
     during fine-tuning, which ``train.best_metric`` may select checkpoints on) is not "test".
     """
     req = config_lib.require
-    req(config.get("method") == "finetune",
-        f"config.method={config.get('method')!r}: FLIP's fine-tuning is the 'finetune' method")
+    req(config.get("method") == "flip",
+        f"config.method={config.get('method')!r}: FLIP's fine-tuning is the 'flip' method")
     split = config.data.train_split
     req(isinstance(split, str) and _TRAIN_SPLIT.fullmatch(split.strip()) is not None,
         f"config.data.train_split={split!r}: FLIP fine-tunes on the train split only (FLIP's own notebook "
@@ -41,10 +41,26 @@ def check_finetune_splits(config) -> None:
         f"fine-tuning; evaluate on 'val'")
 
 
-def validate_finetune(config) -> None:
-    """``jaxgist.methods.finetune.validate`` plus ``check_finetune_splits``."""
-    finetune_lib.validate(config)
+def default_config():
+    """The fine-tuning job's keys (``methods.finetune.default_config``) with ``method = "flip"``."""
+    c = finetune_lib.default_config()
+    c.method = "flip"
+    return c
+
+
+def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:
+    """``methods.finetune.validate`` plus ``check_finetune_splits``."""
+    finetune_lib.validate(config, num_devices, check_data=check_data)
     check_finetune_splits(config)
+
+
+validate_finetune = validate
+
+
+def compile_inputs(config, mesh):
+    """The fine-tuning step, for ahead-of-time compilation (``python -m jaxgist.aot``)."""
+    check_finetune_splits(config)
+    return finetune_lib.compile_inputs(config, mesh)
 
 
 def check_train_only(source) -> None:
@@ -57,11 +73,12 @@ def check_train_only(source) -> None:
                        f"train split only")
 
 
-def finetune(config, workdir: str) -> dict:
-    """FLIP's caption-only fine-tuning: checks that only the train split is read, then runs the
-    fine-tuning job (``jaxgist.methods.finetune.run``). ``python -m jaxgist --config configs/flip.py`` runs the
-    same job through the generic launcher (``configs/flip.py`` checks the splits it sets; this entry
-    point also checks command-line overrides and the source itself)."""
-    validate_finetune(config)
+def run(config, workdir: str) -> dict:
+    """FLIP's caption-only fine-tuning: checks the config and that the source reads the train split
+    only, then runs the fine-tuning job (``methods.finetune.run``, any ``config.mode``)."""
+    validate(config)
     check_train_only(datasets.source(config.data, config.data.train_split, workdir, with_captions=True))
     return finetune_lib.run(config, workdir)
+
+
+finetune = run

@@ -27,7 +27,7 @@ from absl import logging
 from jaxgist.core import arrays
 from jaxgist.core import config as config_lib
 from jaxgist.core import files, results
-from jaxgist.data import datasets, sources
+from jaxgist.data import datasets
 from jaxgist.evaluation import accuracy, embeddings, zero_shot
 from jaxgist.heads import probes
 from jaxgist.heads import registry as heads_lib
@@ -75,19 +75,17 @@ def validate(config) -> None:
         f"config.data.num_captions={config.data.num_captions} exceeds config.gist.match_k={g.match_k}: "
         f"fine-tuning pairs each image with its first num_captions matched captions")
     req(g.batch_size >= 1 and g.bootstrap >= 0, "config.gist.batch_size must be >= 1 and bootstrap >= 0")
+    req(len(g.splits) > 0, "config.gist.splits must name at least one split to embed")
     req(set(g.splits) >= {"train", "val", "test"} or "evaluate" not in g.stages,
         f"config.gist.splits={tuple(g.splits)} must include train, val and test for the evaluate stage")
-    if "match" in g.stages and config.data.source not in ("gist", "synthetic"):
-        raise config_lib.ConfigError(f"caption matching reads GIST-format descriptions; config.data.source="
-                                     f"{config.data.source!r} is not 'gist' or 'synthetic'")
-    if "match" in g.stages and config.data.source == "gist":
-        req(bool(config.data.descriptions), "config.data.descriptions must be set for the match stage")
+    if "match" in g.stages:
+        caption_matching.check_data(config.data)
     req(config.mode == "train", f"config.mode={config.mode!r}: GIST runs its stages (config.gist.stages); "
         f"evaluate a finished run with config.gist.stages=('embed', 'evaluate')")
     # the fine-tuning stage's and the data's settings fail now, not after matching has finished
     datasets.validate(config.data)
     if "finetune" in g.stages:
-        finetune.validate(finetune_config(config, config.model.init or "pretrained", ""), check_data=False)
+        finetune.validate(finetune_config(config, config.model.init, ""), check_data=False)
     if "pretrain" in g.stages:
         try:
             finetune.validate(pretrain_config(config, pathlib.Path("workdir")), check_data=False)
@@ -149,19 +147,10 @@ def matched_captions_path(config, workdir: pathlib.Path) -> pathlib.Path:
 
 def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
     g = config.gist
-    paths = datasets.paths(config.data, workdir)
-    source = sources.GistSource(paths["metadata"], paths["image_dir"], split="train",
-                                check_files=config.data.check_files)
-    model = clip.from_config(_model_config(config, g.match_model or init), seed=config.seed)
-    tokenize = tokenizer.load(config.model.tokenizer or None)
     out = matched_captions_path(config, workdir)
-    t0 = time.perf_counter()
-    matches = caption_matching.match_to_file(model, tokenize, source, paths["descriptions"], out, k=g.match_k,
-                                             batch_size=g.batch_size, workers=config.data.workers,
-                                             skip_unreadable=config.data.skip_unreadable)
-    seconds = time.perf_counter() - t0
-    return {"images": len(matches), "k": g.match_k, "seconds": round(seconds, 2),
-            "images_per_s": round(len(matches) / max(seconds, 1e-9), 1)}, str(out)
+    figures = caption_matching.match_split(_model_config(config, g.match_model or init), config.data, workdir, out,
+                                           k=g.match_k, batch_size=g.batch_size, seed=config.seed)
+    return {k: v for k, v in figures.items() if k != "captions"}, str(out)
 
 
 def finetune_config(config, init: str, captions: str, workdir: pathlib.Path | None = None) -> ml_collections.ConfigDict:
@@ -189,7 +178,7 @@ def finetune_stage(config, workdir: pathlib.Path, init: str, captions: str) -> d
 
 def compile_inputs(config, mesh):
     """The fine-tuning stage's train step, for ahead-of-time compilation (``python -m jaxgist.aot``)."""
-    return finetune.compile_inputs(finetune_config(config, config.model.init or "pretrained", ""), mesh)
+    return finetune.compile_inputs(finetune_config(config, config.model.init, ""), mesh)
 
 
 def embed(config, workdir: pathlib.Path, init: str) -> dict:
@@ -203,6 +192,8 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
         models["finetuned"] = lambda: checkpoint.load_model(ft, _model_config(config, init), step)[0]
     else:
         logging.warning("gist/embed: no fine-tuned checkpoints in %s; embedding the pretrained model only", ft)
+    class_names = datasets.source(config.data, "train", workdir, with_captions=False).class_names
+    tokenize = tokenizer.load(config.model.tokenizer or None)
     summary = {}
     for name, make in models.items():
         model = make()
@@ -221,13 +212,11 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
                      for v in range(g.augment_views)]
             splits["trainviews"] = {"x": np.stack([v["x"] for v in views]), "y": views[0]["y"],
                                     "index": views[0]["index"]}
-        tokenize = tokenizer.load(config.model.tokenizer or None)
-        text = {"templates": zero_shot.class_embeddings(model, tokenize, source.class_names,
-                                                        tuple(g.zero_shot_templates))}
+        text = {"templates": zero_shot.class_embeddings(model, tokenize, class_names, tuple(g.zero_shot_templates))}
         if any(h.startswith("coder") for h in g.heads):
-            text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, source.class_names), tokenize))
+            text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, class_names), tokenize))
         if jax.process_index() == 0:  # every process has every embedding: one writes them
-            embeddings.save(out_dir / f"{name}.npz", splits, source.class_names)
+            embeddings.save(out_dir / f"{name}.npz", splits, class_names)
             embeddings.save_arrays(out_dir / f"{name}_text.npz", **text)
         parallel.sync(f"gist.embed.{name}")
         summary[name] = {split: int(len(d["y"])) for split, d in splits.items()}

@@ -38,10 +38,13 @@ class Checkpointer:
       best_metric / best_mode: additionally keep the best checkpoint by this metric of ``save``'s
         ``metrics`` ("max" or "min").
       async_save: write in a background thread (``wait`` blocks until written).
+      read_only: only read (evaluation beside a running job): nothing is saved, deleted or cleaned
+        up, not even a save in flight that another process is writing.
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int | None = 3,
-                 best_metric: str | None = None, best_mode: str = "max", async_save: bool = True):
+                 best_metric: str | None = None, best_mode: str = "max", async_save: bool = True,
+                 read_only: bool = False):
         if save_every < 1:
             raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
         if keep is not None and keep < 1:
@@ -62,7 +65,8 @@ class Checkpointer:
             # with a best_fn, Orbax also writes each step's metrics, so the best survives a restart
             best_fn=(lambda m: m[best_metric]) if best_metric else None,
             best_mode=best_mode,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -129,6 +133,10 @@ class Checkpointer:
 
     def reload(self) -> None:
         """Sees the steps another process has written since this one opened the directory."""
+        if not files.is_local(self.directory):
+            from etils.epath.backend import fsspec_backend  # noqa: PLC0415  (gs:// paths only)
+
+            fsspec_backend.fs(str(self.directory)).invalidate_cache()
         self.manager.reload()
 
     def restore_state_only(self, step: int, abstract_state):
@@ -169,7 +177,7 @@ def load_model(directory: str | os.PathLike, model_config, step: int | None = No
     from jaxgist.models import clip
 
     directory = _run_checkpoints(directory)
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         steps = ckpt.all_steps()
         if not steps:

@@ -1,6 +1,7 @@
 """Caption matching: the batched top-k equals a brute-force per-image computation; GIST's JSON format."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,30 @@ def test_write_captions_format(tmp_path):
     assert sources.read_captions(path) == {"a/b.jpg": ["x", "y"], "c.jpg": ["z\u00e9"]}
     with pytest.raises(TypeError):
         caption_matching.write_captions(path, {"a.jpg": "not a list"})
+
+
+def test_the_job_writes_the_captions_file_and_its_figures(tmp_path):
+    """python -m jaxgist --config configs/caption_matching.py:small, in process: every training image
+    gets k captions, each among its own class's descriptions."""
+    import sys
+
+    from jaxgist.core import config as config_lib
+    from jaxgist.data import datasets
+    from jaxgist.main import run_job
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+    from configs import caption_matching as match_config
+
+    c = match_config.get_config("small")
+    c.data.synthetic.dir = str(tmp_path / "birds")
+    out = run_job(c, str(tmp_path / "work"))["caption_matching"]
+    captions = json.loads((tmp_path / "work" / "captions_top3.json").read_text())
+    assert out["images"] == len(captions) == 24 and out["k"] == 3
+    paths = datasets.paths(c.data, tmp_path / "work")
+    descriptions = json.loads(pathlib.Path(paths["descriptions"]).read_text())
+    every = {d for ds in descriptions.values() for d in ds}
+    assert all(len(v) == 3 and set(v) <= every for v in captions.values())
+    assert json.loads((tmp_path / "work" / "results.json").read_text())["run"]["caption_matching"]["images"] == 24
+    c.data.source = "tfds"
+    with pytest.raises(config_lib.ConfigError, match="caption matching reads GIST-format descriptions"):
+        run_job(c, str(tmp_path / "bad"))

@@ -126,6 +126,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, syntheti
 # In-process runs (8 fake CPU devices)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_on_another_mesh_and_export_to_hugging_face(tmp_path, synthetic_dir):
     transformers = pytest.importorskip("transformers")
     c = small(synthetic_dir, steps=4, save_every=4, eval_every=0, export_hf=True)
@@ -197,6 +198,8 @@ def test_evaluate_and_watch_modes_score_saved_checkpoints(tmp_path, synthetic_di
     ckpt.close()
     assert best in (3, 6) and saved == sorted({best, 6})  # step 4 (not evaluated) is never the best
 
+    in_flight = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"  # another job's save being written
+    in_flight.mkdir()
     c.mode = "evaluate"
     c.evaluate.step = 3 if 3 in saved else -1
     step = c.evaluate.step if c.evaluate.step > 0 else 6
@@ -218,6 +221,7 @@ def test_evaluate_and_watch_modes_score_saved_checkpoints(tmp_path, synthetic_di
     assert written["run"]["finetune"]["final_loss"] == trained["final_loss"]  # the training figures are kept
     assert sorted(written["finetune"]) == [f"step_{s}" for s in saved]
     assert (tmp_path / "eval" / "metrics.jsonl").exists()
+    assert in_flight.is_dir()  # evaluation only reads: it never cleans up a save in flight
 
 
 def test_watch_without_checkpoints_stops_after_the_timeout(tmp_path, synthetic_dir):

@@ -1,6 +1,8 @@
 """FLIP's caption-only fine-tuning (configs/flip.py, jaxgist.methods.flip): the train split only."""
 
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -20,7 +22,7 @@ from configs import flip as flip_config  # noqa: E402
 
 def test_flip_config_recipe_and_small_validates():
     c = flip_config.get_config()
-    assert c.method == "finetune" and c.model.init == "ViT-B/32"
+    assert c.method == "flip" and c.model.init == "ViT-B/32"
     assert (c.data.num_captions, c.data.template, c.data.train_split) == (1, "{caption}", "train")
     optim = c.optim
     assert (optim.name, optim.lr, optim.b2, optim.eps, optim.weight_decay) == ("adam", 5e-7, 0.98, 1e-6, 1e-3)
@@ -28,7 +30,7 @@ def test_flip_config_recipe_and_small_validates():
     small = flip_config.get_config("small")
     assert small.data.source == "synthetic"
     finetune.validate(small)
-    flip.validate_finetune(small)
+    flip.validate(small)
     with pytest.raises(ValueError, match="unknown argument"):
         flip_config.get_config("large")
 
@@ -38,7 +40,7 @@ def test_flip_config_recipe_and_small_validates():
     ("data.train_split", "train+test", "train split only"),
     ("data.train_split", "val", "train split only"),
     ("data.eval_split", "test", "must not be used"),
-    ("method", "gist", "'finetune' method"),
+    ("method", "finetune", "'flip' method"),
 ])
 def test_flip_config_rejects_the_test_split(key, value, message):
     c = flip_config.get_config("small")
@@ -58,14 +60,25 @@ def test_flip_finetune_reads_the_train_split_only(tmp_path, monkeypatch):
     for split in (None, ("train", "test"), "test"):
         with pytest.raises(config_lib.ConfigError, match="train split only"):
             flip.check_train_only(sources.GistSource(paths["metadata"], paths["image_dir"], split=split))
-    # flip.finetune checks, then hands over to the fine-tuning job (whose run is tested in test_finetune;
+    # flip.run checks, then hands over to the fine-tuning job (whose run is tested in test_finetune;
     # configs/flip.py:small with train.steps=2 runs in 10-20 s on 2 cores, too slow for this file).
     calls = []
     monkeypatch.setattr(finetune, "run", lambda config, workdir: calls.append(workdir) or {"finetune": {}})
-    assert flip.finetune(c, str(tmp_path / "work")) == {"finetune": {}} and calls == [str(tmp_path / "work")]
+    assert flip.run(c, str(tmp_path / "work")) == {"finetune": {}} and calls == [str(tmp_path / "work")]
     bad = flip_config.get_config("small")
     bad.data.synthetic.dir = c.data.synthetic.dir
     bad.data.train_split = "test"
     with pytest.raises(config_lib.ConfigError, match="test split is never trained"):
-        flip.finetune(bad, str(tmp_path / "bad"))
+        flip.run(bad, str(tmp_path / "bad"))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("override", ["--config.data.train_split=test", "--config.data.eval_split=test"])
+def test_command_line_overrides_cannot_put_the_test_split_back(tmp_path, override):
+    """configs/flip.py runs as method "flip", whose job checks the splits after the overrides."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxgist", "--config", "configs/flip.py:small", "--workdir",
+                           str(tmp_path / "work"), f"--config.data.synthetic.dir={tmp_path / 'birds'}", override],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "test split" in proc.stderr and not (tmp_path / "work" / "checkpoints").exists(), proc.stderr[-2000:]

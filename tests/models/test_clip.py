@@ -106,6 +106,7 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
     assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-6)  # bf16 really ran
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
     pixels, ids = tiny_inputs()
 

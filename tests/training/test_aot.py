@@ -180,3 +180,19 @@ def test_cli_without_libtpu_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     with pytest.raises(aot.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
         aot.topology_devices("v5e:2x2")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("config_file", ["demo", "flip"])
+def test_other_methods_compile_their_train_step(v5e_2x2, config_file):
+    """GIST (its fine-tuning stage) and FLIP compile through the same command; a method without a
+    train step is refused before anything is compiled."""
+    from configs import demo, flip
+
+    c = (demo.get_config("runlocal") if config_file == "demo" else flip.get_config("small"))
+    c.train.global_batch = 8
+    r = aot.compile_train_step(c, v5e_2x2, topology="v5e:2x2")
+    assert r.fits and r.num_params > 0 and r.per_device_batch == 2 and r.temp_bytes is not None
+    c.method = "zero_shot"
+    with pytest.raises(ConfigError, match="'zero_shot' has no train step to compile"):
+        aot.compile_train_step(c, v5e_2x2, topology="v5e:2x2")

@@ -117,6 +117,7 @@ def _restore_state(workdir: pathlib.Path, config, step: int):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     config = finetune_config.get_config("small")
     config.train.steps = STEPS

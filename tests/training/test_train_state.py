@@ -190,6 +190,7 @@ def test_freeze_regex_keeps_the_text_tower_fixed():
         optim.make(config(freeze="^nothing").optim, nnx.state(model, nnx.Param), 10)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_mean_gradient_of_the_micro_batches():
     """Two micro-batches of 4 with accumulate_steps=2 make one update with the mean gradient."""
     mesh = parallel.make_mesh((("data", -1),), jax.devices()[:1])

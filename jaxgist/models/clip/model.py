@@ -1,7 +1,8 @@
 """CLIP in Flax NNX: a ViT image tower and a causal text transformer.
 
 Parameter names follow Hugging Face's ``CLIPModel`` (``vision_model.encoder.layers.N.self_attn.q_proj``
-...), so weight conversion (``clip_weights``) is a table of renames and transposes.
+...), so weight conversion (``clip.weights``) is a table of renames and transposes. The transformer layers
+are the shared ones of ``jaxgist.models.layers``.
 
 Numerics: parameters are stored in ``param_dtype`` (float32 by default) and matmuls run in
 ``dtype`` (the compute dtype, e.g. bfloat16); LayerNorm and softmax always run in float32.
@@ -9,8 +10,6 @@ Numerics: parameters are stored in ``param_dtype`` (float32 by default) and matm
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -20,31 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgist.core import arrays
+from jaxgist.models.layers import ACTIVATIONS, Dense, Encoder, LayerNorm
 
 LOGIT_SCALE_MAX = math.log(100.0)
-
-# The sharding of activations (batch axis over the mesh's data axes) inside a sharded train step.
-_ACTIVATIONS = contextvars.ContextVar("jaxgist_clip_activation_sharding", default=None)
-
-
-@contextlib.contextmanager
-def activation_sharding(sharding):
-    """While tracing inside this context, each transformer block's input is constrained to
-    ``sharding`` (a NamedSharding of the batch axis over the data axes). With FSDP-sharded weights
-    this pins the layout to "split the batch, gather the weights": left alone, XLA's partitioner may
-    instead split activations along their width to match the weights, and hold far larger
-    temporaries."""
-    token = _ACTIVATIONS.set(sharding)
-    try:
-        yield
-    finally:
-        _ACTIVATIONS.reset(token)
-
-
-def constrain_activations(x):
-    sharding = _ACTIVATIONS.get()
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,142 +106,6 @@ PRESETS: dict[str, CLIPConfig] = {
 }
 
 
-def activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm computed in float32 whatever the compute dtype; output in the compute dtype."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-        self.eps = eps
-
-    def __call__(self, x):
-        dtype = x.dtype
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(dtype)
-
-
-class Dense(nnx.Module):
-    """A Linear layer (``kernel`` [in, out], optional ``bias``) that runs as one 2-D matmul.
-
-    Leading axes are flattened first: XLA's CPU backward for a matmul contracting over several
-    batch-like axes is about twice as slow as for the same matmul on [N, in].
-    """
-
-    def __init__(self, din: int, dout: int, *, use_bias=True, std=0.02, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), param_dtype) * std)
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
-        self.dtype = dtype
-
-    def __call__(self, x):
-        lead = x.shape[:-1]
-        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(*lead, -1)
-
-
-def _linear(din, dout, cfg: CLIPConfig, rngs, *, bias=True, std=0.02):
-    return Dense(din, dout, use_bias=bias, std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-
-
-class Attention(nnx.Module):
-    """Multi-head self-attention with separate q/k/v projections (HF layout)."""
-
-    def __init__(self, width: int, heads: int, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.q_proj = _linear(width, width, cfg, rngs)
-        self.k_proj = _linear(width, width, cfg, rngs)
-        self.v_proj = _linear(width, width, cfg, rngs)
-        self.out_proj = _linear(width, width, cfg, rngs)
-
-    def __call__(self, x, *, causal: bool, query_index=None):
-        """x: [B, L, D]. query_index: optional [B] int, attend only from that position (out [B, 1, D])."""
-        b, length, d = x.shape
-        h = self.heads
-        hd = d // h
-        if query_index is None:
-            q = self.q_proj(x)
-            q_pos = jnp.arange(length)[None, :]
-        else:
-            q = self.q_proj(jnp.take_along_axis(x, query_index[:, None, None], axis=1))
-            q_pos = query_index[:, None]
-        k, v = self.k_proj(x), self.v_proj(x)
-        q = q.reshape(b, -1, h, hd) * (hd**-0.5)
-        k = k.reshape(b, length, h, hd)
-        v = v.reshape(b, length, h, hd)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if causal:
-            allowed = jnp.arange(length)[None, None, :] <= q_pos[:, :, None]  # [B or 1, Q, K]
-            scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, -1, d)
-        return self.out_proj(out)
-
-
-class MLP(nnx.Module):
-    def __init__(self, width: int, hidden: int, act: str, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        self.fc1 = _linear(width, hidden, cfg, rngs)
-        self.fc2 = _linear(hidden, width, cfg, rngs)
-        self.act = act
-
-    def __call__(self, x):
-        return self.fc2(activation(self.act)(self.fc1(x)))
-
-
-class EncoderLayer(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
-    def __init__(self, width, heads, mlp_dim, act, eps, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        self.self_attn = Attention(width, heads, cfg, rngs=rngs)
-        self.layer_norm1 = LayerNorm(width, eps, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, act, cfg, rngs=rngs)
-        self.layer_norm2 = LayerNorm(width, eps, param_dtype=cfg.param_dtype, rngs=rngs)
-
-    def __call__(self, x, *, causal: bool, query_index=None):
-        y = self.self_attn(self.layer_norm1(x), causal=causal, query_index=query_index)
-        if query_index is not None:
-            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
-        x = x + y
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nnx.Module):
-    def __init__(self, width, layers, heads, mlp_dim, act, eps, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [EncoderLayer(width, heads, mlp_dim, act, eps, cfg, rngs=rngs) for _ in range(layers)]
-        )
-        self.remat = cfg.remat
-
-    def __call__(self, x, *, causal: bool, pool_index=None):
-        """Runs every layer. With pool_index ([B] ints) the last layer computes only that position
-        (exact: nothing after the last layer reads the other positions) and returns [B, 1, D]."""
-
-        def run(layer, x, query_index):
-            return layer(x, causal=causal, query_index=query_index)
-
-        if self.remat:
-            run = nnx.remat(run)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = run(layer, constrain_activations(x), pool_index if i == last else None)
-        return x
-
-
 class VisionEmbeddings(nnx.Module):
     def __init__(self, c: VisionConfig, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.patch_embedding = nnx.Conv(
@@ -298,7 +139,8 @@ class VisionTransformer(nnx.Module):
     def __init__(self, c: VisionConfig, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.embeddings = VisionEmbeddings(c, cfg, rngs=rngs)
         self.pre_layrnorm = LayerNorm(c.width, c.layer_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.encoder = Encoder(c.width, c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, cfg, rngs=rngs)
+        self.encoder = Encoder(c.width, c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype, remat=cfg.remat, rngs=rngs)
         self.post_layernorm = LayerNorm(c.width, c.layer_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, pixels, *, pooled_only: bool = False):
@@ -331,7 +173,8 @@ class TextEmbeddings(nnx.Module):
 class TextTransformer(nnx.Module):
     def __init__(self, c: TextConfig, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.embeddings = TextEmbeddings(c, cfg, rngs=rngs)
-        self.encoder = Encoder(c.width, c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, cfg, rngs=rngs)
+        self.encoder = Encoder(c.width, c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype, remat=cfg.remat, rngs=rngs)
         self.final_layer_norm = LayerNorm(c.width, c.layer_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
         self.eos_token_id = c.eos_token_id
 
@@ -359,10 +202,9 @@ class CLIP(nnx.Module):
         self.config = cfg
         self.vision_model = VisionTransformer(cfg.vision, cfg, rngs=rngs)
         self.text_model = TextTransformer(cfg.text, cfg, rngs=rngs)
-        self.visual_projection = _linear(cfg.vision.width, cfg.embed_dim, cfg, rngs, bias=False,
-                                         std=cfg.vision.width**-0.5)
-        self.text_projection = _linear(cfg.text.width, cfg.embed_dim, cfg, rngs, bias=False,
-                                       std=cfg.text.width**-0.5)
+        numerics = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.visual_projection = Dense(cfg.vision.width, cfg.embed_dim, std=cfg.vision.width**-0.5, **numerics)
+        self.text_projection = Dense(cfg.text.width, cfg.embed_dim, std=cfg.text.width**-0.5, **numerics)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, cfg.param_dtype))
 
     def encode_image(self, pixels):

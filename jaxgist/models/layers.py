@@ -1,0 +1,178 @@
+"""Layers the transformer models share (Flax NNX): LayerNorm in float32, a 2-D-matmul Dense, multi-head
+self-attention with q/k/v projections, the MLP, the pre-LN block and the encoder stack, with HF's
+parameter names (``self_attn.q_proj``, ``layer_norm1``, ``mlp.fc1``, ``layers.N``).
+
+    block = layers.EncoderLayer(width, heads, mlp_dim, "gelu", 1e-5, dtype=jnp.bfloat16, rngs=rngs)
+    encoder = layers.Encoder(width, depth, heads, mlp_dim, "quick_gelu", 1e-5, remat=True, rngs=rngs)
+    y = encoder(x, causal=True, pool_index=eos_positions)       # [B, 1, D]: only the pooled position
+    with layers.activation_sharding(batch_sharding): ...        # FSDP: keep each block's input split by batch
+
+Parameters are stored in ``param_dtype``; matmuls run in ``dtype``; LayerNorm and softmax in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+# The sharding of activations (batch axis over the mesh's data axes) inside a sharded train step.
+_ACTIVATIONS = contextvars.ContextVar("jaxgist_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding):
+    """While tracing inside this context, each transformer block's input is constrained to
+    ``sharding`` (a NamedSharding of the batch axis over the data axes). With FSDP-sharded weights
+    this pins the layout to "split the batch, gather the weights": left alone, XLA's partitioner may
+    instead split activations along their width to match the weights, and hold far larger
+    temporaries."""
+    token = _ACTIVATIONS.set(sharding)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain_activations(x):
+    sharding = _ACTIVATIONS.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+def activation(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 whatever the compute dtype; output in the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Dense(nnx.Module):
+    """A Linear layer (``kernel`` [in, out], optional ``bias``) that runs as one 2-D matmul.
+
+    Leading axes are flattened first: XLA's CPU backward for a matmul contracting over several
+    batch-like axes is about twice as slow as for the same matmul on [N, in].
+    """
+
+    def __init__(self, din: int, dout: int, *, use_bias=True, std=0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), param_dtype) * std)
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y.reshape(*lead, -1)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v projections (HF layout)."""
+
+    def __init__(self, width: int, heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            Dense(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(4))
+
+    def __call__(self, x, *, causal: bool, query_index=None):
+        """x: [B, L, D]. query_index: optional [B] int, attend only from that position (out [B, 1, D])."""
+        b, length, d = x.shape
+        h = self.heads
+        hd = d // h
+        if query_index is None:
+            q = self.q_proj(x)
+            q_pos = jnp.arange(length)[None, :]
+        else:
+            q = self.q_proj(jnp.take_along_axis(x, query_index[:, None, None], axis=1))
+            q_pos = query_index[:, None]
+        k, v = self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, -1, h, hd) * (hd**-0.5)
+        k = k.reshape(b, length, h, hd)
+        v = v.reshape(b, length, h, hd)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if causal:
+            allowed = jnp.arange(length)[None, None, :] <= q_pos[:, :, None]  # [B or 1, Q, K]
+            scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, -1, d)
+        return self.out_proj(out)
+
+
+class MLP(nnx.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, width: int, hidden: int, act: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.fc1 = Dense(width, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = Dense(hidden, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc2(activation(self.act)(self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width, heads, mlp_dim, act, eps, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.self_attn = Attention(width, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = LayerNorm(width, eps, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, act, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(width, eps, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, *, causal: bool, query_index=None):
+        y = self.self_attn(self.layer_norm1(x), causal=causal, query_index=query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+        x = x + y
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+    """A stack of ``EncoderLayer``s (``layers.N``), each optionally rematerialized in the backward pass."""
+
+    def __init__(self, width, layers, heads, mlp_dim, act, eps, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        self.layers = nnx.List([EncoderLayer(width, heads, mlp_dim, act, eps, dtype=dtype, param_dtype=param_dtype,
+                                             rngs=rngs) for _ in range(layers)])
+        self.remat = remat
+
+    def __call__(self, x, *, causal: bool, pool_index=None):
+        """Runs every layer. With pool_index ([B] ints) the last layer computes only that position
+        (exact: nothing after the last layer reads the other positions) and returns [B, 1, D]."""
+
+        def run(layer, x, query_index):
+            return layer(x, causal=causal, query_index=query_index)
+
+        if self.remat:
+            run = nnx.remat(run)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = run(layer, constrain_activations(x), pool_index if i == last else None)
+        return x

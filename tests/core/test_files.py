@@ -1,0 +1,38 @@
+"""Workdir files: atomic writes keep the old file on failure, URLs need their client."""
+
+import json
+import os
+
+import pytest
+
+from jaxgist.core import files
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "sub" / "results.json"
+    files.write_json_atomic(target, {"a": 1}, indent=2)
+    files.write_json_atomic(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(target.parent) == ["results.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "results.json"
+    files.write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):
+        files.write_json_atomic(target, {"a": object()})
+    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_workdir_urls_need_their_client(monkeypatch):
+    files.check_workdir("/tmp/run")
+    with pytest.raises(ValueError, match="local paths or gs:// URLs"):
+        files.check_workdir("s3://bucket/run")
+    real = files.importlib.util.find_spec
+    monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None if name == "gcsfs" else real(name))
+    with pytest.raises(ValueError, match=r'need gcsfs: pip install -e "\.\[gcs\]"'):
+        files.check_workdir("gs://bucket/run")
+    assert not files.is_local("gs://bucket/run") and files.is_local("runs/a")
