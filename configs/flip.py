@@ -25,10 +25,12 @@ Arguments (``configs/flip.py:<arg>``):
            per image, CPU, well under a minute.
 """
 
+from configs import common
 from jaxgist.methods import flip
 
 
 def get_config(arg: str = ""):
+    common.check_arg("configs/flip.py", arg)
     c = flip.default_config()
     c.model.init = "ViT-B/32"
     c.data.source = "gist"
@@ -42,23 +44,8 @@ def get_config(arg: str = ""):
     c.optim.update(dict(name="adam", lr=5e-7, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.001, schedule="constant",
                         warmup_steps=0, grad_clip_norm=0.0))
     if arg == "small":
-        c.model.init = ""
-        c.model.preset = dict(
-            vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128),
-            text=dict(context_length=77, width=64, layers=2, heads=4, mlp_dim=128),
-            embed_dim=32,
-        )
-        c.data.source = "synthetic"
-        c.data.synthetic.update(dict(num_classes=8, train_per_class=8, val_per_class=2, test_per_class=2,
-                                     image_size=48, num_captions=1, shots=(1,)))
-        c.data.check_files = True
-        c.train.global_batch = 16
-        c.train.epochs = 2
-        c.train.log_every = 2
-        c.train.eval_every = 0
-        c.train.save_every = 4
-        c.optim.lr = 1e-4
-    elif arg:
-        raise ValueError(f"unknown argument {arg!r} for configs/flip.py; expected '' or 'small'")
+        common.small(c, num_captions=1, num_classes=8, train_per_class=8, val_per_class=2, test_per_class=2,
+                     shots=(1,))
+        common.small_training(c, eval_every=0)
     flip.check_finetune_splits(c)
     return c

@@ -9,24 +9,15 @@ Arguments (``configs/zero_shot.py:<arg>``):
   small    a tiny random CLIP on generated fine-grained birds; CPU, seconds.
 """
 
+from configs import common
 from jaxgist.methods import zero_shot
 
 
 def get_config(arg: str = ""):
+    common.check_arg("configs/zero_shot.py", arg)
     c = zero_shot.default_config()
     c.data.source = "gist"
     if arg == "small":
-        c.model.init = ""
-        c.model.preset = dict(
-            vision=dict(image_size=32, patch_size=16, width=64, layers=1, heads=2, mlp_dim=128),
-            text=dict(context_length=77, width=64, layers=1, heads=2, mlp_dim=128),
-            embed_dim=32,
-        )
-        c.data.source = "synthetic"
-        c.data.synthetic.update(dict(num_classes=10, train_per_class=2, val_per_class=1, test_per_class=4,
-                                     image_size=48, num_captions=1, shots=()))
-        c.data.num_captions = 1
+        common.small(c, num_captions=1, num_classes=10, train_per_class=2, val_per_class=1, test_per_class=4)
         c.zero_shot.bootstrap = 100
-    elif arg:
-        raise ValueError(f"unknown argument {arg!r} for configs/zero_shot.py; expected '' or 'small'")
     return c

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import ml_collections
+
 # config.method -> the module of its job
 REGISTRY = {
     "caption_matching": "jaxgist.methods.caption_matching",
@@ -17,6 +19,20 @@ REGISTRY = {
     "flip": "jaxgist.methods.flip",
     "gist": "jaxgist.methods.gist",
 }
+
+
+def clip_job_config(method: str, init: str = "ViT-B/32", **sections) -> ml_collections.ConfigDict:
+    """The keys every CLIP job has (``method``, ``seed``, ``model`` from ``init``, ``data``) and its own
+    ``sections`` (name -> dict of defaults)."""
+    from jaxgist.data import datasets
+    from jaxgist.models import clip
+
+    c = ml_collections.ConfigDict(dict(method=method, seed=0))
+    c.model = clip.default_model_config(init)
+    c.data = datasets.default_config()
+    for name, fields in sections.items():
+        c[name] = ml_collections.ConfigDict(fields) if isinstance(fields, dict) else fields
+    return c
 
 
 def get(name: str | None) -> ModuleType:

@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from jaxgist import methods
 from jaxgist.core import arrays
 from jaxgist.core import config as config_lib
 from jaxgist.core import files, results
@@ -346,13 +347,7 @@ def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the caption-matching job reads: GIST matches with CLIP ViT-B/32, top 5 per image."""
-    c = ml_collections.ConfigDict()
-    c.method = "caption_matching"
-    c.seed = 0
-    c.model = clip.default_model_config("ViT-B/32")
-    c.data = datasets.default_config()
-    c.match = ml_collections.ConfigDict(dict(k=5, batch_size=64))
-    return c
+    return methods.clip_job_config("caption_matching", "ViT-B/32", match=dict(k=5, batch_size=64))
 
 
 def validate(config) -> None:

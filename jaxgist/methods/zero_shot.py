@@ -17,6 +17,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from jaxgist import methods
 from jaxgist.core import config as config_lib
 from jaxgist.core import results
 from jaxgist.data import datasets
@@ -27,14 +28,8 @@ from jaxgist.models.clip import tokenizer
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.method = "zero_shot"
-    c.seed = 0
-    c.model = clip.default_model_config("ViT-B/32")
-    c.data = datasets.default_config()
-    c.zero_shot = ml_collections.ConfigDict(dict(
+    return methods.clip_job_config("zero_shot", "ViT-B/32", zero_shot=dict(
         split="test", templates=DEFAULT_TEMPLATES, batch_size=64, bootstrap=1000))
-    return c
 
 
 def validate(config) -> None:
