@@ -6,6 +6,7 @@
     params, rest = layout.split(state, "clip")     # trainable parameters / every other variable
     model = layout.module("clip", params, rest)    # inside a loss function being differentiated
     state = layout.apply_gradients(state, {"clip": grads}, rest={"clip": new_rest})
+    state = state.replace(models={**state.models, "ema": ema_state})   # a model without optimizer, e.g. EMA
 
 A ``TrainState`` keeps the whole ``nnx.State`` of every model (parameters, batch statistics, EMA
 copies: whatever variables the module has) and one optimizer state per *trained* model; models
@@ -112,7 +113,8 @@ class Layout:
                         rest: Mapping[str, nnx.State] | None = None) -> TrainState:
         """One optimizer update of every trained model from its ``grads`` (over its parameters);
         ``rest`` replaces a model's non-parameter variables (e.g. batch statistics the forward pass
-        updated). Models not in ``grads`` keep their state. Returns the state one step later."""
+        updated). Other models keep their state (set one, e.g. an EMA copy, with
+        ``state.replace(models={**state.models, "ema": new})``). Returns the state one step later."""
         unknown = sorted(set(grads) - set(self.txs))
         if unknown:
             raise ValueError(f"gradients for {unknown}, which have no optimizer; trained models: {sorted(self.txs)}")

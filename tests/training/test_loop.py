@@ -177,3 +177,37 @@ def test_non_finite_loss_stops_before_saving_that_step(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert ckpt.all_steps() == [2]
     ckpt.close()
+
+
+def test_an_ema_copy_rides_in_the_state_and_is_checkpointed(tmp_path):
+    """A third model without an optimizer, set each step to an exponential moving average of the student."""
+    mesh = parallel.make_mesh((("data", -1),))
+    abstract = {name: nnx.eval_shape(lambda: Student(nnx.Rngs(0))) for name in ("student", "ema")}
+    layout = train_state.layout(abstract, {"student": optax.sgd(0.1)}, mesh, (), {"student": axes, "ema": axes})
+    state = layout.init({"student": Student(nnx.Rngs(0)), "ema": Student(nnx.Rngs(0))})
+
+    @jax.jit
+    def step(state, x):
+        params, rest = layout.split(state, "student")
+
+        def loss_fn(params):
+            student = layout.module("student", params, rest)
+            return jnp.mean(student(x) ** 2), nnx.state(student, nnx.Not(nnx.Param))
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new = layout.apply_gradients(state, {"student": grads}, rest={"student": new_rest})
+        ema = jax.tree_util.tree_map(lambda e, s: 0.5 * e + 0.5 * s, state.models["ema"], new.models["student"])
+        return new.replace(models={**new.models, "ema": ema})
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    s0 = jax.device_get(state.models["student"]["dense"]["kernel"][...])
+    state = step(state, x)
+    s1 = jax.device_get(state.models["student"]["dense"]["kernel"][...])
+    ema = jax.device_get(state.models["ema"]["dense"]["kernel"][...])
+    np.testing.assert_allclose(ema, 0.5 * s0 + 0.5 * s1, rtol=1e-6)
+    assert int(state.step) == 1 and not np.allclose(s0, s1) and sorted(state.opt_states) == ["student"]
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state.as_dict(), force=True)
+    restored = ckpt.restore_models(1, {"ema": layout.abstract.models["ema"]})
+    ckpt.close()
+    np.testing.assert_array_equal(np.asarray(restored["ema"]["dense"]["kernel"][...]), ema)
