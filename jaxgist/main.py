@@ -7,6 +7,7 @@ writes ``DIR/results.json`` and ``DIR/results.md``.
 from __future__ import annotations
 
 import logging as std_logging
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -14,7 +15,7 @@ from ml_collections import config_flags
 
 from jaxgist import methods
 from jaxgist.core import files
-from jaxgist.training import parallel
+from jaxgist.training import loop, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embeddings and results.")
@@ -42,7 +43,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    out = run_job(_CONFIG.value, _WORKDIR.value)
+    try:
+        out = run_job(_CONFIG.value, _WORKDIR.value)
+    except loop.Preempted as e:
+        print(f"jaxgist: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     if jax.process_index() == 0:
         md = files.join(_WORKDIR.value, "results.md")
         print(files.read_text(md) if files.exists(md) else out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import numbers
 from typing import Any, Mapping
 
@@ -43,7 +44,7 @@ def check(method: str, table: Mapping[str, Any]) -> None:
                 raise ResultsError(f"results[{method!r}][{model!r}][{head!r}] must map metric names to values, "
                                    f"got {metrics!r:.80}")
             for name, value in metrics.items():
-                if not isinstance(value, (numbers.Number, str)):
+                if value is not None and not isinstance(value, (numbers.Number, str)):
                     raise ResultsError(f"results[{method!r}][{model!r}][{head!r}][{name!r}] = {value!r:.80} is "
                                        f"not a number or a string")
 
@@ -57,6 +58,15 @@ def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _strict(value):
+    """Non-finite floats as null: results.json is strict JSON (NaN and Infinity are not JSON)."""
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def load(workdir) -> dict[str, Any]:
@@ -73,14 +83,15 @@ def write(workdir, method: str, table: Mapping[str, Any], *, run: Mapping[str, A
     if run is not None:
         new[RUN] = {method: {**run, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")}}
-    merged = merge(load(workdir), new)
-    files.write_json_atomic(files.join(workdir, "results.json"), merged, newline=True, indent=2, sort_keys=True)
+    merged = _strict(merge(load(workdir), new))
+    files.write_json_atomic(files.join(workdir, "results.json"), merged, newline=True, indent=2, sort_keys=True,
+                            allow_nan=False)
     files.write_text_atomic(files.join(workdir, "results.md"), markdown(merged))
     return merged
 
 
 def _cell(metrics: Mapping[str, Any], key: str) -> str:
-    if key not in metrics:
+    if metrics.get(key) is None:
         return "-"
     value = metrics[key]
     std = metrics.get(f"{key}_bootstrap_std")

@@ -176,11 +176,19 @@ def train(config, workdir: str) -> dict:
         skip_unreadable=config.data.skip_unreadable, workers=config.data.workers, prefetch=config.data.prefetch))
     state, start = loop.restore_or_init(ckpt, setup.abstract_state, lambda: setup.init_state(model), data_iter)
     model = None  # the state holds a copy
+    if start >= steps:  # a finished run: its results stand
+        ckpt.close()
+        logging.info("finetune: nothing to train, step %d of %d is saved in %s; keeping its results", start, steps,
+                     ckpt.directory)
+        previous = results.load(workdir).get(results.RUN, {}).get(config.method, {})
+        return {config.method: {k: v for k, v in previous.items() if k != "written"} or
+                {"steps": steps, "start_step": start}}
 
     compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(config.train.global_batch)).compile()
     logger = metrics_lib.MetricsLogger(workdir, total_steps=steps, global_batch=config.train.global_batch,
                                        log_every=config.train.log_every,
-                                       flops_per_step=metrics_lib.compiled_flops(compiled))
+                                       flops_per_step=metrics_lib.compiled_flops(compiled),
+                                       resume_step=start if start else None)
     evaluator = Evaluator(config, setup, workdir, tokenize) if config.train.eval_every else None
 
     def to_device(batch):

@@ -17,9 +17,12 @@ its own step only (``best_metric`` never keeps a step that was not evaluated), a
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -58,13 +61,60 @@ def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, abstract_state, i
     return state, step
 
 
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT after saving the step it had finished."""
+
+    def __init__(self, signum: int, step: int, directory):
+        self.signum, self.step, self.directory = signum, step, directory
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, which is saved in {directory}; "
+                         f"run the same command to resume from it")
+
+
+class _StopSignals:
+    """Turns SIGTERM and SIGINT (what TPU maintenance, spot VMs, SLURM and Ctrl-C send) into a request to
+    stop after the current step; a second SIGINT interrupts at once. In a multi-process job the
+    signals are left to jax's preemption notifier and every process stops at the step they agree on
+    (``multihost_utils.reached_preemption_sync_point``)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.warning("received %s: finishing the current step, saving it, then stopping",
+                        signal.Signals(signum).name)
+
+    def requested(self, step: int) -> int | None:
+        """The signal to stop on after ``step`` (None: go on)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+        return self.signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def run(state, step: Callable, batches: Iterator, *, to_device: Callable[[Any], Any],
         checkpointer: checkpoint_lib.Checkpointer, logger: metrics_lib.MetricsLogger, total_steps: int,
         start_step: int = 0, eval_every: int = 0, evaluate: Callable[[Any], Mapping[str, float]] | None = None,
         save_every: int | None = None) -> Result:
     """Runs steps ``start_step + 1 .. total_steps``: evaluates every ``eval_every`` steps and at the last
     step (when ``evaluate`` is given), saves every ``save_every`` steps (default: the checkpointer's)
-    and at the last step, then waits for the saves to finish."""
+    and at the last step, then waits for the saves to finish. On SIGTERM or SIGINT it finishes the
+    current step, saves it, waits for the save and raises ``Preempted``: a rerun redoes no step."""
     save_every = save_every or checkpointer.save_every
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -84,28 +134,34 @@ def run(state, step: Callable, batches: Iterator, *, to_device: Callable[[Any], 
 
     t0 = time.perf_counter()
     pending = None  # (step, device metrics) read one step late
-    for n in range(start_step + 1, total_steps + 1):
-        state, m = step(state, to_device(next(batches)))
+    with _StopSignals() as stop:
+        for n in range(start_step + 1, total_steps + 1):
+            state, m = step(state, to_device(next(batches)))
+            if pending is not None:
+                finish(*pending)
+            pending = (n, m)
+            signum = stop.requested(n)
+            evaluating = evaluate is not None and ((eval_every and n % eval_every == 0) or n == total_steps)
+            if not (evaluating or n % save_every == 0 or n == total_steps or signum):
+                continue
+            finish(*pending)  # this step's state is evaluated or saved: its loss must be known good
+            pending = None
+            metrics = None
+            if evaluating:
+                last_eval, last_eval_step = dict(evaluate(state)), n
+                metrics = last_eval
+                logger.write(n, {f"val/{k}": v for k, v in last_eval.items()})
+                logging.info("eval at step %d: %s", n, ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            # with a best metric, every evaluated step is saved so that the best can be kept
+            force = n == total_steps or bool(signum) or (evaluating and bool(checkpointer.best_metric))
+            checkpointer.save(n, state.as_dict(), batches, metrics=metrics, force=force)
+            logger.restart_clock()
+            if signum and n < total_steps:
+                checkpointer.wait()
+                logger.flush()
+                raise Preempted(signum, n, checkpointer.directory)
         if pending is not None:
             finish(*pending)
-        pending = (n, m)
-        evaluating = evaluate is not None and ((eval_every and n % eval_every == 0) or n == total_steps)
-        if not (evaluating or n % save_every == 0 or n == total_steps):
-            continue
-        finish(*pending)  # this step's state is evaluated or saved: its loss must be known good
-        pending = None
-        metrics = None
-        if evaluating:
-            last_eval, last_eval_step = dict(evaluate(state)), n
-            metrics = last_eval
-            logger.write(n, {f"val/{k}": v for k, v in last_eval.items()})
-            logging.info("eval at step %d: %s", n, ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        # with a best metric, every evaluated step is saved so that the best can be kept
-        force = n == total_steps or (evaluating and bool(checkpointer.best_metric))
-        checkpointer.save(n, state.as_dict(), batches, metrics=metrics, force=force)
-        logger.restart_clock()
-    if pending is not None:
-        finish(*pending)
-    checkpointer.wait()
+        checkpointer.wait()
     return Result(state=state, start_step=start_step, end_step=max(total_steps, start_step), last_train=last,
                   last_eval=last_eval, last_eval_step=last_eval_step, train_seconds=time.perf_counter() - t0)

@@ -64,14 +64,24 @@ class JsonLines:
     line; in a bucket (no appends there) the lines are kept and the whole object is rewritten at most
     every ``flush_seconds`` and on ``close``."""
 
-    def __init__(self, path, *, flush_seconds: float = 30.0):
+    def __init__(self, path, *, flush_seconds: float = 30.0, after_step: int | None = None):
+        """``after_step``: a run resumed from that step drops the rows of later steps (an earlier run
+        logged them, then stopped before saving them: they are about to be redone)."""
         self.path, self.flush_seconds = files.path(path), flush_seconds
         self.local = files.is_local(path)
+        lines = files.read_text(self.path).splitlines(keepends=True) if self.path.exists() else []
+        if after_step is not None:
+            kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= after_step]
+            if len(kept) < len(lines):
+                logging.info("%s: dropping %d rows of steps after %d, which this run redoes", self.path,
+                             len(lines) - len(kept), after_step)
+                files.write_text_atomic(self.path, "".join(kept))
+            lines = kept
         if self.local:
             files.makedirs(self.path.parent)
             self._file = open(self.path, "a", encoding="utf-8")
         else:
-            self._lines = files.read_text(self.path).splitlines(keepends=True) if self.path.exists() else []
+            self._lines = lines
             self._dirty, self._flushed = False, time.monotonic()
 
     def write(self, record: Mapping) -> None:
@@ -105,7 +115,9 @@ class MetricsLogger:
     """
 
     def __init__(self, workdir, *, total_steps: int, global_batch: int, log_every: int = 10,
-                 flops_per_step: float | None = None):
+                 flops_per_step: float | None = None, resume_step: int | None = None):
+        """``resume_step``: the step a resumed run starts after; rows and TensorBoard events an earlier
+        run logged for later steps are dropped, not repeated."""
         self.workdir = files.path(workdir)
         self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, max(1, log_every)
         self.flops_per_step, self.peak = flops_per_step, peak_flops()
@@ -113,8 +125,9 @@ class MetricsLogger:
         self._tb = None
         self._jsonl = None
         if self.is_writer:
-            self._jsonl = JsonLines(self.workdir / "metrics.jsonl")
-            self._tb = _tensorboard_writer(self.workdir / "tensorboard")
+            self._jsonl = JsonLines(self.workdir / "metrics.jsonl", after_step=resume_step)
+            self._tb = _tensorboard_writer(self.workdir / "tensorboard",
+                                           purge_step=None if resume_step is None else resume_step + 1)
         self._last_time = time.perf_counter()
         self._window_time = 0.0
         self._window_steps = 0
@@ -159,6 +172,13 @@ class MetricsLogger:
                 self._tb.add_scalar(name, float(value), step)
         self._jsonl.write({"step": step, **{k: float(v) for k, v in scalars.items()}})
 
+    def flush(self) -> None:
+        """Writes out what is buffered (a bucket's metrics.jsonl, TensorBoard events)."""
+        if self._tb is not None:
+            self._tb.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -170,7 +190,7 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
-def _tensorboard_writer(logdir):
+def _tensorboard_writer(logdir, purge_step: int | None = None):
     """A tensorboardX SummaryWriter for ``logdir`` (local or ``gs://``), or None when it cannot write
     there (the reason is logged; metrics.jsonl is written either way)."""
     try:
@@ -179,7 +199,8 @@ def _tensorboard_writer(logdir):
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
         return None
     try:
-        return tensorboardX.SummaryWriter(str(logdir))
+        # purge_step: TensorBoard drops the events of that step and later an earlier run wrote
+        return tensorboardX.SummaryWriter(str(logdir), purge_step=purge_step)
     except Exception as e:  # e.g. a bucket URL tensorboardX has no client for
         logging.warning("no TensorBoard event files in %s: %s", logdir, e)
         return None

@@ -120,6 +120,66 @@ def test_sigkill_at_a_random_step_then_restart_ends_identical(tmp_path, syntheti
     resumed = json.loads((run / "results.json").read_text())["run"]["finetune"]
     assert 0 < resumed["start_step"] <= killed_at, (resumed, killed_at)
     assert_trees_equal(saved_state(run, steps), saved_state(tmp_path / "ref", steps))
+    # the steps logged after the restored checkpoint and redone are replaced, not repeated
+    logged = [r["step"] for r in metrics.read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
+    assert logged == list(range(1, steps + 1)), logged
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_dir):
+    """The workdir of an uninterrupted 12-step run (saving only at the end)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    ref = subprocess.run(_command(workdir, synthetic_dir, 12) + ["--config.train.save_every=1000"], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_the_step_and_the_rerun_redoes_none(tmp_path, synthetic_dir, uninterrupted, signum):
+    """SIGTERM (TPU maintenance, spot VMs, SLURM) or SIGINT at a random step: the job finishes that
+    step, saves it (no save is due: save_every=1000), exits 128+signal with one clear line; the rerun
+    starts from that step and ends with the uninterrupted run's parameters, bit for bit."""
+    steps, run = 12, tmp_path / "preempted"
+    command = _command(run, synthetic_dir, steps) + ["--config.train.save_every=1000"]
+    stop_after = int(np.random.default_rng(int(time.time()) + int(signum)).integers(2, 9))
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while _logged_steps(run) < stop_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before step {stop_after}: {proc.stderr.read()[-3000:]}"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    saved = _committed_checkpoints(run)
+    assert len(saved) == 1 and stop_after <= saved[0] < steps, (saved, stop_after)
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"jaxgist: stopped by {signal.Signals(signum).name} after step {saved[0]}, "
+                                f"which is saved in ") and "run the same command to resume" in last_line
+
+    again = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((run / "results.json").read_text())["run"]["finetune"]
+    assert resumed["start_step"] == saved[0]  # no step is redone
+    assert_trees_equal(saved_state(run, steps), saved_state(uninterrupted, steps))
+    logged = [r["step"] for r in metrics.read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
+    assert logged == list(range(1, steps + 1)), logged
+
+
+def test_a_rerun_of_a_finished_job_keeps_its_results(tmp_path, synthetic_dir):
+    c = small(synthetic_dir, steps=2, save_every=2, eval_every=2)
+    first = run_job(c, str(tmp_path))["finetune"]
+    written = (tmp_path / "results.json").read_text()
+    again = run_job(c, str(tmp_path))["finetune"]
+    assert (tmp_path / "results.json").read_text() == written  # nothing rewritten, no NaN loss, no 0 img/s
+    assert again["final_loss"] == first["final_loss"] and again["images_per_s"] == first["images_per_s"]
+    json.loads(written, parse_constant=lambda name: pytest.fail(f"results.json holds {name}"))
 
 
 # ---------------------------------------------------------------------------------------------
