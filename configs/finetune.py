@@ -15,8 +15,12 @@ Any key can be overridden on the command line, e.g. ``--config.train.epochs=5``,
 ``--config.mesh='(("data", 4), ("fsdp", 2))'``, ``--config.optim.freeze='^text_'``.
 """
 
-from configs import common
-from jaxgist.methods import finetune
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs.common, from any cwd
+from configs import common  # noqa: E402
+from jaxgist.methods import finetune  # noqa: E402
 
 
 def get_config(arg: str = ""):

@@ -25,8 +25,12 @@ Arguments (``configs/flip.py:<arg>``):
            per image, CPU, well under a minute.
 """
 
-from configs import common
-from jaxgist.methods import flip
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs.common, from any cwd
+from configs import common  # noqa: E402
+from jaxgist.methods import flip  # noqa: E402
 
 
 def get_config(arg: str = ""):

@@ -9,8 +9,12 @@ Arguments (``configs/zero_shot.py:<arg>``):
   small    a tiny random CLIP on generated fine-grained birds; CPU, seconds.
 """
 
-from configs import common
-from jaxgist.methods import zero_shot
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs.common, from any cwd
+from configs import common  # noqa: E402
+from jaxgist.methods import zero_shot  # noqa: E402
 
 
 def get_config(arg: str = ""):

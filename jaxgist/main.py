@@ -6,7 +6,9 @@ writes ``DIR/results.json`` and ``DIR/results.md``.
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
+import os
 import sys
 
 import jax
@@ -22,13 +24,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embe
 
 
 def run_job(config, workdir: str) -> dict:
+    """Runs the job ``config.method`` names in ``workdir``. A job that writes the workdir holds its lock
+    (``workdir/.lock``: a second job there refuses to start); evaluating checkpoints beside a running
+    job (``config.mode`` evaluate or watch) only reads and takes no lock."""
     job = methods.get(config.get("method"))
     parallel.initialize_distributed(config)  # before anything touches the devices
     files.check_workdir(workdir)
     files.makedirs(workdir)
-    if jax.process_index() == 0:
-        files.write_text_atomic(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    return job.run(config, workdir)
+    reading = config.get("mode", "train") in ("evaluate", "watch")
+    lock = files.WorkdirLock(workdir) if jax.process_index() == 0 and not reading else contextlib.nullcontext()
+    with lock:
+        if jax.process_index() == 0 and not reading:
+            files.write_text_atomic(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        return job.run(config, workdir)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a bad config, bad data, a busy workdir or a diverging run raises: printed as one line
+    (the message names the key, file, row or step) instead of a traceback."""
+    from jaxgist.core.config import ConfigError
+    from jaxgist.core.results import ResultsError
+    from jaxgist.data.images import ImageReadError
+    from jaxgist.data.sources import DataError
+    from jaxgist.heads.coder import KnowledgeError
+    from jaxgist.models.clip import CheckpointMismatchError
+
+    return (ConfigError, DataError, ImageReadError, CheckpointMismatchError, KnowledgeError, ResultsError,
+            files.WorkdirBusy, FileNotFoundError, FloatingPointError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -48,6 +70,13 @@ def main(argv):
     except loop.Preempted as e:
         print(f"jaxgist: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except user_errors() as e:
+        if os.environ.get("JAXGIST_TRACEBACK") == "1":
+            raise
+        logging.flush()
+        print(f"jaxgist: error: {type(e).__name__}: {e}  (JAXGIST_TRACEBACK=1 shows where)", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
     if jax.process_index() == 0:
         md = files.join(_WORKDIR.value, "results.md")
         print(files.read_text(md) if files.exists(md) else out)

@@ -88,3 +88,54 @@ def test_synthetic_images_are_deterministic_and_distinct():
     np.testing.assert_array_equal(la, lb)
     assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8 and len(set(names)) == 4
     assert not np.array_equal(a[0], a[1])
+
+
+def _cli(workdir, *overrides, wait=True):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "jaxgist", "--config", str(root / "configs" / "finetune.py") + ":small",
+           "--workdir", str(workdir), *overrides]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAXGIST_TRACEBACK", None)
+    if not wait:
+        return subprocess.Popen(cmd, cwd="/", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_bad_value_is_one_line_not_a_traceback(tmp_path):
+    """From any directory (the config file finds its shared helpers), a config error is one line, exit 1."""
+    proc = _cli(tmp_path / "work", "--config.train.global_batch=0", f"--config.data.synthetic.dir={tmp_path / 'b'}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "jaxgist: error: ConfigError: config.train.global_batch=0 must be >= 1  (JAXGIST_TRACEBACK=1 shows where)")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_workdir(tmp_path):
+    """The second job refuses to start, naming the first; once the first is killed its lock is stale."""
+    import signal
+    import time
+
+    work, birds = tmp_path / "work", f"--config.data.synthetic.dir={tmp_path / 'birds'}"
+    first = _cli(work, "--config.train.steps=400", "--config.train.save_every=1000", birds, wait=False)
+    try:
+        deadline = time.time() + 300
+        while not (work / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        second = _cli(work, "--config.train.steps=400", birds)
+        assert second.returncode == 1
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"jaxgist: error: WorkdirBusy: workdir {work} is in use by process {first.pid} on "), last
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = _cli(work, "--config.train.steps=2", birds)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"taking over the lock of workdir {work} from process {first.pid}" in third.stderr
+    assert not (work / ".lock").exists()

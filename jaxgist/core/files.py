@@ -16,9 +16,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import tempfile
+import time
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 
@@ -105,3 +108,86 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live job holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """``workdir/.lock``: one job at a time in a workdir. The lock names the process holding it (pid,
+    host, start time); a lock left by a process that is gone (killed, or its machine restarted) is
+    taken over with a warning; a live holder makes ``acquire`` raise ``WorkdirBusy`` naming it. A lock
+    of another host cannot be checked from here and counts as live (remove the file once that job is
+    gone). In a bucket (``gs://``) there is no atomic create here: no lock is taken there.
+
+        with files.WorkdirLock(workdir):
+            ...  # the job
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = workdir
+        self.path = os.path.join(os.fspath(workdir), self.NAME) if is_local(workdir) else None
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        return True
+
+    def acquire(self) -> "WorkdirLock":
+        if self.path is None:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    return self  # this process holds it already (a job run inside another)
+                if self._alive(holder):
+                    raise WorkdirBusy(
+                        f"workdir {self.workdir} is in use by process {holder.get('pid', '?')} on "
+                        f"{holder.get('host', '?')} (since {holder.get('started', '?')}): wait for that job, stop it, "
+                        f"or use another --workdir (if it is gone, remove {self.path})") from None
+                logging.warning("taking over the lock of workdir %s from process %s, which is gone", self.workdir,
+                                holder.get("pid", "?"))
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise WorkdirBusy(f"could not take the lock {self.path}: other jobs keep taking it")
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == os.getpid():
+            os.remove(self.path)
+        self.held = False
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

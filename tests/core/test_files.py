@@ -36,3 +36,32 @@ def test_workdir_urls_need_their_client(monkeypatch):
     with pytest.raises(ValueError, match=r'need gcsfs: pip install -e "\.\[gcs\]"'):
         files.check_workdir("gs://bucket/run")
     assert not files.is_local("gs://bucket/run") and files.is_local("runs/a")
+
+
+def test_one_job_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    with files.WorkdirLock(tmp_path) as lock:
+        assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        with files.WorkdirLock(tmp_path):  # the same process again (a job inside a job): fine
+            pass
+        assert (tmp_path / ".lock").exists()
+    assert not (tmp_path / ".lock").exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": holder.pid, "host": files.socket.gethostname(),
+                                                    "started": "then"}))
+        with pytest.raises(files.WorkdirBusy, match=rf"in use by process {holder.pid} on .* \(since then\)"):
+            files.WorkdirLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over
+    with files.WorkdirLock(tmp_path) as lock:
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    with pytest.raises(files.WorkdirBusy, match="another-host"):  # cannot be checked from here: live
+        files.WorkdirLock(tmp_path).acquire()
+    assert files.WorkdirLock("gs://bucket/run").acquire().path is None  # no lock in a bucket
