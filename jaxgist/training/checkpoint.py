@@ -16,7 +16,10 @@ saved CLIP (as a module, or written as a Hugging Face directory).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 
 import grain
 import jax
@@ -26,6 +29,32 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgist.core import files
+
+
+CHECKSUMS = "jaxgist_checksums.json"  # in each step directory: sha256 of every file the save wrote
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A saved step whose files do not match their checksums or cannot be read."""
+
+    def __init__(self, step: int, directory, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+    out = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            if name == CHECKSUMS:
+                continue
+            path = os.path.join(root, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            out[os.path.relpath(path, step_dir)] = digest.hexdigest()
+    return out
 
 
 class Checkpointer:
@@ -40,6 +69,12 @@ class Checkpointer:
       async_save: write in a background thread (``wait`` blocks until written).
       read_only: only read (evaluation beside a running job): nothing is saved, deleted or cleaned
         up, not even a save in flight that another process is writing.
+
+    Each finished save of a local directory gets a ``jaxgist_checksums.json`` (sha256 of every file),
+    written by process 0 once the save has committed; ``restore`` verifies it first and raises
+    ``CorruptCheckpoint`` naming the step and the damage (a changed, truncated or missing file, or
+    any error reading the step). ``move_aside`` puts a damaged step beside the checkpoints, never
+    deleting it (``training.loop.restore_or_init`` then resumes from the newest good step).
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int | None = 3,
@@ -55,6 +90,7 @@ class Checkpointer:
         if files.is_local(directory):
             self.directory = self.directory.absolute()
         self.save_every, self.best_metric, self.best_mode = save_every, best_metric, best_mode
+        self.read_only = read_only
         keep_policies = [policies.LatestN(n=keep)]
         if best_metric:
             keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
@@ -89,11 +125,71 @@ class Checkpointer:
             return None
         return (max(scored) if self.best_mode == "max" else min(scored))[1]
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(os.fspath(self.directory), str(step))
+
+    def record_checksums(self) -> None:
+        """Writes the checksums of every committed step that has none yet (local directories, process 0)."""
+        if self.read_only or not files.is_local(self.directory) or jax.process_index() != 0:
+            return
+        for step in self.manager.all_steps():
+            step_dir = self._step_dir(step)
+            target = os.path.join(step_dir, CHECKSUMS)
+            if not os.path.isdir(step_dir) or os.path.exists(target):
+                continue  # not committed yet (still a temporary directory), or done
+            try:
+                digests = _file_digests(step_dir)
+                tmp = f"{target}.tmp-{os.getpid()}"
+                with open(tmp, "w", encoding="utf-8") as f:  # no makedirs: a step deleted meanwhile stays deleted
+                    json.dump(digests, f, sort_keys=True)
+                os.replace(tmp, target)
+            except FileNotFoundError:  # the keep policy removed the step while it was being read
+                continue
+
+    def verify(self, step: int) -> None:
+        """Raises CorruptCheckpoint unless every file of ``step`` matches its recorded checksum (a step
+        saved without checksums, e.g. in a bucket, is not checked)."""
+        if not files.is_local(self.directory):
+            return
+        recorded_path = os.path.join(self._step_dir(step), CHECKSUMS)
+        if not os.path.exists(recorded_path):
+            return
+        try:
+            with open(recorded_path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpoint(step, self.directory, f"its checksum file cannot be read ({e})") from None
+        found = _file_digests(self._step_dir(step))
+        missing = sorted(set(recorded) - set(found))
+        changed = sorted(k for k in recorded if k in found and found[k] != recorded[k])
+        if missing or changed:
+            parts = ([f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")]
+                     if missing else [])
+            parts += ([f"changed {', '.join(changed[:3])}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")]
+                      if changed else [])
+            raise CorruptCheckpoint(step, self.directory, "; ".join(parts) + " (against the checksums written at save)")
+
+    def move_aside(self, step: int) -> str | None:
+        """Moves a damaged step's directory to ``<checkpoints>.damaged/<step>-<time>`` (process 0; kept for
+        inspection, never deleted). Returns where it went."""
+        if not files.is_local(self.directory) or self.read_only:
+            return None
+        target = None
+        if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):
+            aside = os.fspath(self.directory) + ".damaged"
+            os.makedirs(aside, exist_ok=True)
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self._step_dir(step), target)
+        self.manager.reload()
+        return target
+
     def save(self, step: int, state, data_iter=None, *, metrics: dict[str, float] | None = None,
              force: bool = False) -> bool:
         """Saves if ``step`` is on the interval (or ``force``); returns whether it saved."""
         if not force and step % self.save_every:
             return False
+        self.manager.check_for_errors()  # a failed background save surfaces here, not a save later
+        self.record_checksums()  # of the saves that have committed since the last call
         if step in self.manager.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state)}
@@ -109,10 +205,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iter=None):
         """The train state of ``step`` placed as ``abstract_state`` says (ShapeDtypeStructs with
         shardings); also sets ``data_iter``'s position when given."""
+        self.verify(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax/TensorStore errors of a damaged step: name the step
+            raise CorruptCheckpoint(step, self.directory, f"{type(e).__name__}: {_first_line(e)}") from e
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored["state"]
 
@@ -145,10 +245,16 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.record_checksums()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else repr(e)
 
 
 def abstract_like(tree, shardings=None):

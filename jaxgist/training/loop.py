@@ -50,15 +50,22 @@ class Result:
 
 def restore_or_init(checkpointer: checkpoint_lib.Checkpointer, abstract_state, init: Callable[[], Any],
                     data_iter=None) -> tuple[Any, int]:
-    """(state, steps done): the latest checkpoint restored onto ``abstract_state``'s shardings (and
-    ``data_iter``'s position), or ``init()`` when there is none."""
-    step = checkpointer.latest_step()
-    if step is None:
-        return init(), 0
-    restored = checkpointer.restore(step, abstract_state.as_dict(), data_iter)
-    state = type(abstract_state).from_dict(restored)
-    logging.info("resumed from step %d of %s", step, checkpointer.directory)
-    return state, step
+    """(state, steps done): the newest good checkpoint restored onto ``abstract_state``'s shardings (and
+    ``data_iter``'s position), or ``init()`` when there is none. A damaged step (checksums, unreadable
+    files) is named, moved aside and the next older one tried."""
+    while (step := checkpointer.latest_step()) is not None:
+        try:
+            restored = checkpointer.restore(step, abstract_state.as_dict(), data_iter)
+        except checkpoint_lib.CorruptCheckpoint as e:
+            where = checkpointer.move_aside(step)
+            logging.warning("%s; moved it to %s and trying the step before it", e, where or "(left in place)")
+            if where is None:  # cannot be moved (a bucket, read-only): do not loop on it
+                raise
+            continue
+        state = type(abstract_state).from_dict(restored)
+        logging.info("resumed from step %d of %s", step, checkpointer.directory)
+        return state, step
+    return init(), 0
 
 
 class Preempted(Exception):

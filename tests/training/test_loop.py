@@ -211,3 +211,32 @@ def test_an_ema_copy_rides_in_the_state_and_is_checkpointed(tmp_path):
     restored = ckpt.restore_models(1, {"ema": layout.abstract.models["ema"]})
     ckpt.close()
     np.testing.assert_array_equal(np.asarray(restored["ema"]["dense"]["kernel"][...]), ema)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete_metadata"])
+def test_a_damaged_newest_step_is_named_moved_aside_and_the_one_before_resumes(tmp_path, damage, caplog):
+    import os
+
+    whole, _, _, _ = run_loop(tmp_path / "whole", 4)
+    run_loop(tmp_path / "run", 4, save_every=2)  # steps 2 and 4, each with its checksums
+    step4 = tmp_path / "run" / "checkpoints" / "4"
+    assert (step4 / checkpoint.CHECKSUMS).exists()
+    data = max((p for p in (step4 / "state").rglob("*") if p.is_file() and p.name != "_METADATA"),
+               key=lambda p: p.stat().st_size)
+    if damage == "flip":
+        raw = bytearray(data.read_bytes())
+        for i in range(0, 64):
+            raw[len(raw) // 2 + i] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        os.remove(step4 / "state" / "_METADATA")
+    with caplog.at_level("WARNING"):
+        resumed, steps, _, _ = run_loop(tmp_path / "run", 4, save_every=2)
+    assert resumed.start_step == 2 and steps == [2, 4]  # resumed from step 2, then step 4 saved anew
+    assert any("checkpoint step 4" in r.getMessage() and "is damaged" in r.getMessage() for r in caplog.records)
+    aside = list((tmp_path / "run" / "checkpoints.damaged").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("4-")  # kept, not deleted
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.state.as_dict()),
+                           jax.device_get(whole.state.as_dict()))
