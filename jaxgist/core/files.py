@@ -24,6 +24,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from jaxgist.core.config import ConfigError
+
 
 def _no_listing_cache() -> None:
     """gcsfs caches directory listings for the life of the process; jobs here list checkpoint
@@ -46,6 +48,8 @@ def check_workdir(workdir: str | os.PathLike) -> None:
             raise ValueError(f"--workdir={url}: Cloud Storage workdirs need gcsfs: pip install -e \".[gcs]\"")
     elif "://" in url:
         raise ValueError(f"--workdir={url}: workdirs are local paths or gs:// URLs")
+    elif os.path.exists(url) and not os.path.isdir(url):
+        raise ConfigError(f"--workdir={url} is a file, not a directory")
 
 
 def path(p: str | os.PathLike) -> epath.Path:

@@ -38,6 +38,12 @@ def test_workdir_urls_need_their_client(monkeypatch):
     assert not files.is_local("gs://bucket/run") and files.is_local("runs/a")
 
 
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(files.ConfigError, match=r"--workdir=.*run is a file, not a directory"):
+        files.check_workdir(tmp_path / "run")
+
+
 def test_one_job_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
     import subprocess
     import sys
