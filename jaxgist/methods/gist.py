@@ -281,6 +281,19 @@ def _zero_shot(text_weights, test, g) -> dict:
 # The job
 # ---------------------------------------------------------------------------------------------
 
+def check_splits(config, workdir: pathlib.Path) -> None:
+    """Every split the stages read has rows and all its image files, checked before the first
+    expensive stage (a missing test image must not surface after hours of fine-tuning)."""
+    stages = set(config.gist.stages)
+    needed = set(config.gist.splits) if "embed" in stages else set()
+    if stages & {"match", "finetune", "embed"}:
+        needed.add("train")
+    data = copy.deepcopy(config.data)
+    data.check_files = True
+    for split in sorted(needed):
+        datasets.source(data, split, workdir, with_captions=False)
+
+
 def run(config, workdir: str) -> dict:
     """Runs ``config.gist.stages``; returns and writes the results: ``{"gist": {model: {head: metrics}}}``
     (models "pretrained", "finetuned"), with each stage's figures under ``run.gist.stages``."""
@@ -291,6 +304,7 @@ def run(config, workdir: str) -> dict:
                                      f"file APIs; use a directory (a bucket mounted with gcsfuse works)")
     workdir = pathlib.Path(workdir)
     stages = tuple(config.gist.stages)
+    check_splits(config, workdir)
     done: dict = {}
     table: dict = {}
     if "pretrain" in stages:

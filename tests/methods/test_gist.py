@@ -142,3 +142,31 @@ def test_later_stages_read_the_captions_of_match_k(tmp_path, monkeypatch, match_
     monkeypatch.setattr(gist, "finetune_stage", lambda config, workdir, init, captions: seen.append(captions) or {})
     gist.run(c, str(tmp_path))
     assert seen == [str(tmp_path / "match" / f"captions_top{match_k}.json")]
+
+
+@pytest.mark.parametrize("fault", ["missing_test_image", "unknown_split"])
+def test_every_split_is_checked_before_the_first_expensive_stage(tmp_path, monkeypatch, fault):
+    """A missing test image or a wrong split name fails at start, not in the embed stage after
+    matching and fine-tuning."""
+    import os
+
+    from jaxgist.data import datasets, sources
+
+    c = gist.default_config()
+    c.data.source = "synthetic"
+    c.data.synthetic.update(dict(num_classes=3, train_per_class=2, val_per_class=1, test_per_class=1,
+                                 image_size=32, shots=(), dir=str(tmp_path / "birds")))
+    c.model.init = "ViT-B/32"
+    paths = datasets.paths(c.data, tmp_path)
+    c.data.update(dict(source="gist", metadata=paths["metadata"], image_dir=paths["image_dir"],
+                       descriptions=paths["descriptions"]))
+    if fault == "missing_test_image":
+        test_file = next(r["path"] for r in sources.GistSource(paths["metadata"], paths["image_dir"], split="test"))
+        os.remove(test_file)
+        match = rf"1 of 3 image file\(s\) do not exist, e\.g\. .*{os.path.basename(test_file)}"
+    else:
+        c.gist.splits = ("train", "val", "test", "vall")
+        match = r"split\(s\) \['vall'\] have no rows"
+    monkeypatch.setattr(gist.caption_matching, "match_split", lambda *a, **k: pytest.fail("matching started"))
+    with pytest.raises((FileNotFoundError, sources.DataError), match=match):
+        gist.run(c, str(tmp_path / "work"))
