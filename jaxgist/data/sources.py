@@ -404,7 +404,7 @@ class GistSource(_RecordSource):
         if missing and policy == "error":
             raise DataError(f"{where}: {len(missing)} train file(s) have no captions, e.g. "
                             + ", ".join(f"{r.filename!r} (line {r.line})" for r in missing[:_SHOW])
-                            + "; pass missing_captions='skip' to drop them")
+                            + "; to drop them set --config.data.missing_captions=skip (missing_captions='skip' in Python)")
         if num_captions is not None:
             short = [(r, len(caption_map[r.filename])) for r in rows
                      if r.filename in caption_map and len(caption_map[r.filename]) < num_captions]

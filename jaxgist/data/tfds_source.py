@@ -426,7 +426,7 @@ class TfdsSource(_RecordSource):
         if missing and policy == "error":
             raise DataError(f"{where}: {len(missing)} train file(s) have no captions, e.g. "
                             + ", ".join(named(r) for r in missing[:5])
-                            + "; pass missing_captions='skip' to drop them")
+                            + "; to drop them set --config.data.missing_captions=skip (missing_captions='skip' in Python)")
         if num_captions is not None:
             short = [(r, len(caption_map[k])) for r, k in zip(rows, keys)
                      if k is not None and len(caption_map[k]) < num_captions]

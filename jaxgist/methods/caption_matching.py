@@ -379,8 +379,9 @@ def match_split(model_config, data, workdir, out, *, k: int, batch_size: int, se
     matches = match_to_file(model, tokenize, source, paths["descriptions"], out, k=k, batch_size=batch_size,
                             workers=data.workers, skip_unreadable=data.skip_unreadable)
     seconds = time.perf_counter() - t0
-    return {"images": len(matches), "k": k, "seconds": round(seconds, 2),
-            "images_per_s": round(len(matches) / max(seconds, 1e-9), 1), "captions": str(out)}
+    return {"images": len(matches), "skipped_unreadable": len(source) - len(matches), "k": k,
+            "seconds": round(seconds, 2), "images_per_s": round(len(matches) / max(seconds, 1e-9), 1),
+            "captions": str(out)}
 
 
 def run(config, workdir: str) -> dict:

@@ -162,6 +162,8 @@ def finetune_config(config, init: str, captions: str, workdir: pathlib.Path | No
         c[key] = copy.deepcopy(config[key])
     c.model = _model_config(config, init)
     c.data = copy.deepcopy(config.data)
+    if config.data.skip_unreadable:  # an image matching skipped has no captions: fine-tuning skips it too
+        c.data.missing_captions = "skip"
     if captions:
         if c.data.source == "synthetic" and workdir is not None:
             paths = datasets.paths(config.data, workdir)
