@@ -61,6 +61,8 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
+    global _STARTED
+    _STARTED = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
@@ -83,9 +85,24 @@ def main(argv):
         print(f"results: {files.join(_WORKDIR.value, 'results.json')}")
 
 
+_STARTED = False  # main() has begun: errors after this point are the job's, not the command line's
+
+
 def cli():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    try:
+        app.run(main)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections applies --config.a.b=value overrides while absl parses the flags, before
+        # main(): a typo in a key there is the user's, and one line says it
+        if _STARTED or os.environ.get("JAXGIST_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split())
+        if isinstance(e, (AttributeError, KeyError)):
+            message = f"no such key: {message}"
+        print(f"jaxgist: error: a --config override or the config file: {message}  "
+              f"(JAXGIST_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

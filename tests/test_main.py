@@ -115,6 +115,14 @@ def test_a_bad_value_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_typo_in_a_config_override_is_one_line(tmp_path):
+    proc = _cli(tmp_path / "work", "--config.train.epoch=3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxgist: error: a --config override or the config file: no such key: epoch") \
+        and '"epochs"' in last, last
+
+
 @pytest.mark.slow
 def test_two_jobs_on_one_workdir(tmp_path):
     """The second job refuses to start, naming the first; once the first is killed its lock is stale."""
