@@ -158,8 +158,10 @@ def class_names_from_metadata(rows: Sequence[MetadataRow], path: str, num_classe
                         f"(num_classes={num_classes})")
     absent = [i for i in range(num_classes) if i not in species_of]
     if absent:
+        top_line = species_of[top][1]
         raise DataError(f"{path}: {len(absent)} of {num_classes} labels have no row, so their class "
-                        f"names are unknown: {_few(absent)}")
+                        f"names are unknown: {_few(absent)} (the highest label, {top} on line {top_line}, sets "
+                        f"the number of classes: is it a typo?)")
     return [species_of[i][0] for i in range(num_classes)]
 
 
@@ -402,8 +404,10 @@ class GistSource(_RecordSource):
         where = f"{self.captions_file} (for {self.metadata})"
         missing = [r for r in rows if r.split == "train" and r.filename not in caption_map]
         if missing and policy == "error":
+            example_key = next(iter(caption_map), None)
             raise DataError(f"{where}: {len(missing)} train file(s) have no captions, e.g. "
                             + ", ".join(f"{r.filename!r} (line {r.line})" for r in missing[:_SHOW])
+                            + (f"; the captions file's keys look like {example_key!r}" if example_key else "")
                             + "; to drop them set --config.data.missing_captions=skip (missing_captions='skip' in Python)")
         if num_captions is not None:
             short = [(r, len(caption_map[r.filename])) for r in rows

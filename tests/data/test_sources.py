@@ -487,3 +487,16 @@ def test_image_folder_class_without_images(tmp_path):
         ImageFolderSource(root)
     assert re.search(r"2 of 4 class folder\(s\) have no images .*'b', 'd'", message(e))
     assert str(root) in message(e)
+
+
+def test_small_data_errors_point_at_the_line_and_an_example(tmp_path):
+    """A label typo names its line; files without captions are shown beside a key of the captions file."""
+    meta = tmp_path / "m.csv"
+    meta.write_text("filename,label,species,split\na.jpg,0,x,train\nb.jpg,7,y,train\n")
+    with pytest.raises(DataError, match=r"the highest label, 7 on line 3, sets the number of classes"):
+        GistSource(meta, tmp_path)
+    meta.write_text("filename,label,species,split\nbirds/a.jpg,0,x,train\nbirds/b.jpg,1,y,train\n")
+    caps = tmp_path / "c.json"
+    caps.write_text(json.dumps({"/data/CUB/images/birds/a.jpg": ["a bird"], "/data/CUB/images/birds/b.jpg": ["b"]}))
+    with pytest.raises(DataError, match=r"keys look like '/data/CUB/images/birds/a.jpg'.*missing_captions=skip"):
+        GistSource(meta, tmp_path, captions=caps, num_captions=1)
