@@ -80,17 +80,19 @@ def makedirs(p: str | os.PathLike) -> epath.Path:
     return out
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any, *, newline: bool = False, **dump_kwargs) -> str:
+def write_json_atomic(path: str | os.PathLike, data: Any, *, newline: bool = False, makedirs: bool = True,
+                      **dump_kwargs) -> str:
     """Writes ``data`` as JSON (``json.dumps(data, **dump_kwargs)``, then a newline if ``newline``)
     atomically (``write_text_atomic``). Returns the path written."""
-    return write_text_atomic(path, json.dumps(data, **dump_kwargs) + ("\n" if newline else ""))
+    return write_text_atomic(path, json.dumps(data, **dump_kwargs) + ("\n" if newline else ""), makedirs=makedirs)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+def write_text_atomic(path: str | os.PathLike, text: str, *, makedirs: bool = True) -> str:
     """Writes ``text`` (UTF-8) so that a reader sees the old file or the new one, never a part: on
     this machine to a temporary sibling renamed into place with the mode a plain ``open`` would give
-    (0666 minus the umask); in a bucket as one object upload. Creates the directory. Returns the
-    path written (absolute, for local paths)."""
+    (0666 minus the umask); in a bucket as one object upload. Creates the directory unless
+    ``makedirs=False`` (then a missing directory raises FileNotFoundError). Returns the path written
+    (absolute, for local paths)."""
     if not is_local(path):
         target = epath.Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
         return os.fspath(path)
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    if makedirs:
+        os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

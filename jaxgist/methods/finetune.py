@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from jaxgist import methods
 from jaxgist.core import config as config_lib
 from jaxgist.core import files, results
 from jaxgist.data import datasets, pipeline
@@ -48,12 +49,8 @@ MODES = ("train", "evaluate", "watch")
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the fine-tuning job reads, with GIST's recipe as the defaults."""
-    c = ml_collections.ConfigDict()
-    c.method = "finetune"
+    c = methods.clip_job_config("finetune", "ViT-L/14@336px")
     c.mode = "train"
-    c.seed = 0
-    c.model = clip.default_model_config("ViT-L/14@336px")
-    c.data = datasets.default_config()
     c.train = ml_collections.ConfigDict(dict(
         global_batch=32, epochs=10, steps=0, log_every=10, eval_every=0, eval_batch=64, save_every=1000,
         keep=3, best_metric="", async_checkpoints=True, export_hf=False))
@@ -264,13 +261,7 @@ def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
 
     try:
         if not watch:
-            saved = ckpt.all_steps()
-            if not saved:
-                raise FileNotFoundError(f"no checkpoints in {ckpt.directory}: nothing to evaluate")
-            step = saved[-1] if config.evaluate.step < 0 else config.evaluate.step
-            if step not in saved:
-                raise FileNotFoundError(f"step {step} is not saved in {ckpt.directory}; saved steps: {saved}")
-            one(step)
+            one(ckpt.saved_step(config.evaluate.step))
         else:
             _watch(ckpt, one, final_step=steps, interval=config.evaluate.watch_interval_s,
                    timeout=config.evaluate.watch_timeout_s)

@@ -30,7 +30,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgist.core import files
 
-
 CHECKSUMS = "jaxgist_checksums.json"  # in each step directory: sha256 of every file the save wrote
 
 
@@ -137,12 +136,8 @@ class Checkpointer:
             target = os.path.join(step_dir, CHECKSUMS)
             if not os.path.isdir(step_dir) or os.path.exists(target):
                 continue  # not committed yet (still a temporary directory), or done
-            try:
-                digests = _file_digests(step_dir)
-                tmp = f"{target}.tmp-{os.getpid()}"
-                with open(tmp, "w", encoding="utf-8") as f:  # no makedirs: a step deleted meanwhile stays deleted
-                    json.dump(digests, f, sort_keys=True)
-                os.replace(tmp, target)
+            try:  # no makedirs: a step the keep policy deletes meanwhile stays deleted
+                files.write_json_atomic(target, _file_digests(step_dir), makedirs=False, sort_keys=True)
             except FileNotFoundError:  # the keep policy removed the step while it was being read
                 continue
 
@@ -231,6 +226,17 @@ class Checkpointer:
             reader.close()
         return restored["state"]["models"]
 
+    def saved_step(self, step: int | None = None) -> int:
+        """``step`` (None or negative: the latest) if it is saved; FileNotFoundError naming the saved
+        steps otherwise."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        step = steps[-1] if step is None or step < 0 else step
+        if step not in steps:
+            raise FileNotFoundError(f"step {step} is not saved in {self.directory}; saved steps: {steps}")
+        return step
+
     def reload(self) -> None:
         """Sees the steps another process has written since this one opened the directory."""
         if not files.is_local(self.directory):
@@ -285,12 +291,7 @@ def load_model(directory: str | os.PathLike, model_config, step: int | None = No
     directory = _run_checkpoints(directory)
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps}")
+        step = ckpt.saved_step(step)
         graphdef, abstract_state = nnx.split(clip.abstract_from_config(model_config))
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

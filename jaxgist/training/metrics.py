@@ -69,7 +69,8 @@ class JsonLines:
         logged them, then stopped before saving them: they are about to be redone)."""
         self.path, self.flush_seconds = files.path(path), flush_seconds
         self.local = files.is_local(path)
-        lines = files.read_text(self.path).splitlines(keepends=True) if self.path.exists() else []
+        reading = after_step is not None or not self.local  # a local file is appended to, not read
+        lines = files.read_text(self.path).splitlines(keepends=True) if reading and self.path.exists() else []
         if after_step is not None:
             kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= after_step]
             if len(kept) < len(lines):
