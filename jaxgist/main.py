@@ -1,7 +1,8 @@
 """The jaxgist launcher: ``python -m jaxgist --config configs/<name>.py[:arg] --workdir DIR``.
 
 ``--config.a.b=value`` overrides any config field. The config's ``method`` picks the job; every job
-writes ``DIR/results.json`` and ``DIR/results.md``.
+writes ``DIR/results.json`` and ``DIR/results.md``. Compiled programs are cached on disk
+(``--compilation_cache``), so a resumed or repeated job skips most of its compilation.
 """
 
 from __future__ import annotations
@@ -21,6 +22,29 @@ from jaxgist.training import loop, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, embeddings and results.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory (local or gs://) of jax's persistent compilation cache; 'off' disables it. Default: "
+    "$JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/jaxgist/jax.")
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/jaxgist/jax"
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+    """Points jax's persistent compilation cache at ``directory`` (None: $JAX_COMPILATION_CACHE_DIR or
+    the default; 'off': disabled) and returns the directory used. Every program is cached, however
+    quickly it compiled, unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE
+    if directory.lower() in ("off", "none", ""):
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    if "://" not in directory:
+        directory = os.path.expanduser(directory)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
 
 
 def run_job(config, workdir: str) -> dict:
@@ -40,17 +64,19 @@ def run_job(config, workdir: str) -> dict:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """What a bad config, bad data, a busy workdir or a diverging run raises: printed as one line
-    (the message names the key, file, row or step) instead of a traceback."""
+    """What a bad config, bad data, a damaged or unwritable checkpoint, a busy workdir or a diverging
+    run raises: printed as one line (the message names the key, file, row or step) instead of a
+    traceback."""
     from jaxgist.core.config import ConfigError
     from jaxgist.core.results import ResultsError
     from jaxgist.data.images import ImageReadError
     from jaxgist.data.sources import DataError
     from jaxgist.heads.coder import KnowledgeError
     from jaxgist.models.clip import CheckpointMismatchError
+    from jaxgist.training.checkpoint import CorruptCheckpoint, SaveFailed
 
     return (ConfigError, DataError, ImageReadError, CheckpointMismatchError, KnowledgeError, ResultsError,
-            files.WorkdirBusy, FileNotFoundError, FloatingPointError)
+            CorruptCheckpoint, SaveFailed, files.WorkdirBusy, FileNotFoundError, FloatingPointError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -67,6 +93,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    enable_compilation_cache(_COMPILATION_CACHE.value)
     try:
         out = run_job(_CONFIG.value, _WORKDIR.value)
     except loop.Preempted as e:

@@ -41,13 +41,14 @@ _no_listing_cache()
 
 
 def check_workdir(workdir: str | os.PathLike) -> None:
-    """Raises ValueError with the install command when ``workdir`` is a URL no installed client reads."""
+    """Raises ConfigError for a workdir that is a file, or a URL no installed client reads (with the
+    install command)."""
     url = os.fspath(workdir)
     if url.startswith("gs://"):
         if importlib.util.find_spec("gcsfs") is None:
-            raise ValueError(f"--workdir={url}: Cloud Storage workdirs need gcsfs: pip install -e \".[gcs]\"")
+            raise ConfigError(f"--workdir={url}: Cloud Storage workdirs need gcsfs: pip install -e \".[gcs]\"")
     elif "://" in url:
-        raise ValueError(f"--workdir={url}: workdirs are local paths or gs:// URLs")
+        raise ConfigError(f"--workdir={url}: workdirs are local paths or gs:// URLs")
     elif os.path.exists(url) and not os.path.isdir(url):
         raise ConfigError(f"--workdir={url} is a file, not a directory")
 

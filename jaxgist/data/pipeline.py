@@ -134,7 +134,8 @@ def _read(record, skip_unreadable: bool):
         return images.load_image(record["path"])
     except (FileNotFoundError, images.ImageReadError) as e:
         if not skip_unreadable:
-            raise
+            raise type(e)(f"{e}; --config.data.skip_unreadable=True leaves unreadable images out (and counts "
+                          f"them)") from e
         with _pending_lock:
             _pending.append(str(record.get("path", record.get("filename"))))
         logging.warning("skipping unreadable image: %s", e)

@@ -16,6 +16,7 @@ saved CLIP (as a module, or written as a Hugging Face directory).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,21 @@ class CorruptCheckpoint(RuntimeError):
     def __init__(self, step: int, directory, reason: str):
         self.step, self.reason = step, reason
         super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save (written in the background) failed: a full disk, lost permissions, a bucket gone."""
+
+
+@contextlib.contextmanager
+def _saves_named(directory):
+    """Re-raises a background save's error as SaveFailed naming the directory (one line for the user)."""
+    try:
+        yield
+    except SaveFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever Orbax's thread hit
+        raise SaveFailed(f"saving a checkpoint to {directory} failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def _file_digests(step_dir: str) -> dict[str, str]:
@@ -178,12 +194,23 @@ class Checkpointer:
         self.manager.reload()
         return target
 
+    def check(self) -> None:
+        """Raises SaveFailed for a background save that failed (cheap: called after every step)."""
+        with _saves_named(self.directory):
+            self.manager.check_for_errors()
+            # Orbax's manager finalizes async saves in a thread of its own that keeps the error until
+            # the next save or wait; a finished thread holding one is surfaced now
+            ref = getattr(self.manager, "_finalize_thread", None)
+            thread = ref.map(lambda t: t) if hasattr(ref, "map") else None
+            if thread is not None and not thread.is_alive() and getattr(thread, "exception", None) is not None:
+                self.manager.wait_until_finished()  # raises it
+
     def save(self, step: int, state, data_iter=None, *, metrics: dict[str, float] | None = None,
              force: bool = False) -> bool:
         """Saves if ``step`` is on the interval (or ``force``); returns whether it saved."""
         if not force and step % self.save_every:
             return False
-        self.manager.check_for_errors()  # a failed background save surfaces here, not a save later
+        self.check()
         self.record_checksums()  # of the saves that have committed since the last call
         if step in self.manager.all_steps():
             return False
@@ -192,7 +219,8 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if self.best_metric and metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"best_metric {self.best_metric!r} is not among the metrics saved: {sorted(metrics)}")
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        with _saves_named(self.directory):
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -250,7 +278,8 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _saves_named(self.directory):
+            self.manager.wait_until_finished()
         self.record_checksums()
 
     def close(self) -> None:

@@ -147,6 +147,7 @@ def run(state, step: Callable, batches: Iterator, *, to_device: Callable[[Any], 
             if pending is not None:
                 finish(*pending)
             pending = (n, m)
+            checkpointer.check()  # a background save that failed stops the run now, not a save later
             signum = stop.requested(n)
             evaluating = evaluate is not None and ((eval_every and n % eval_every == 0) or n == total_steps)
             if not (evaluating or n % save_every == 0 or n == total_steps or signum):

@@ -1,7 +1,6 @@
 """GIST stages: embeddings from an Orbax checkpoint, config checks, bad input."""
 
 import json
-import pathlib
 
 import jax
 import ml_collections
@@ -171,35 +170,3 @@ def test_every_split_is_checked_before_the_first_expensive_stage(tmp_path, monke
     monkeypatch.setattr(gist.caption_matching, "match_split", lambda *a, **k: pytest.fail("matching started"))
     with pytest.raises((FileNotFoundError, sources.DataError), match=match):
         gist.run(c, str(tmp_path / "work"))
-
-
-@pytest.mark.slow
-def test_skip_unreadable_carries_through_every_stage(tmp_path):
-    """A corrupt training image with data.skip_unreadable: matching leaves it out (counted once),
-    fine-tuning skips the image without captions instead of blaming the captions file, embedding and
-    evaluation run on the rest."""
-    import sys
-
-    from jaxgist.data import datasets, sources
-    from jaxgist.models import clip
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-    from configs import common
-
-    init = clip.save_hf(clip.create(common.TINY_CLIP, seed=0), tmp_path / "tiny")
-    c = gist.default_config()
-    c.model.init, c.gist.match_model = str(init), ""
-    c.gist.update(dict(stages=("match", "finetune", "embed", "evaluate"), probes=("ridge",), bootstrap=10,
-                       match_k=2, batch_size=16))
-    c.data.update(dict(source="synthetic", skip_unreadable=True, num_captions=2))
-    c.data.synthetic.update(dict(num_classes=4, train_per_class=3, val_per_class=1, test_per_class=1, image_size=48,
-                                 num_captions=2, shots=(), dir=str(tmp_path / "birds")))
-    c.train.update(dict(global_batch=8, epochs=1, save_every=100, log_every=1))
-    paths = datasets.paths(c.data, tmp_path / "work")
-    broken = next(r for r in sources.GistSource(paths["metadata"], paths["image_dir"], split="train"))
-    pathlib.Path(broken["path"]).write_bytes(b"not an image")
-    out = gist.run(c, str(tmp_path / "work"))["gist"]
-    stages = json.loads((tmp_path / "work" / "results.json").read_text())["run"]["gist"]["stages"]
-    assert stages["match"]["images"] == 11 and stages["match"]["skipped_unreadable"] == 1
-    assert stages["embed"]["pretrained"]["train"] == 11 and stages["embed"]["finetuned"]["test"] == 4
-    assert 0.0 <= out["finetuned"]["linear_probe_ridge"]["test_top1"] <= 1.0

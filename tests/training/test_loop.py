@@ -240,3 +240,35 @@ def test_a_damaged_newest_step_is_named_moved_aside_and_the_one_before_resumes(t
     assert len(aside) == 1 and aside[0].name.startswith("4-")  # kept, not deleted
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.state.as_dict()),
                            jax.device_get(whole.state.as_dict()))
+
+
+def test_a_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
+    """The save of step 10 fails in Orbax's background thread: the run stops a step or two later with
+    that error, not at the next save (step 20)."""
+    import time
+
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device (injected)")
+
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", fail)
+    layout = make_layout(parallel.make_mesh((("data", -1),)))
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=10)
+    it = batches()
+    state, _ = loop.restore_or_init(ckpt, layout.abstract, lambda: fresh_state(layout), it)
+    step, ran = make_step(layout), []
+
+    def slow_step(state, batch):
+        ran.append(1)
+        time.sleep(0.05)
+        return step(state, batch)
+
+    logger = metrics.MetricsLogger(tmp_path, total_steps=30, global_batch=8, log_every=1)
+    try:
+        with pytest.raises(checkpoint.SaveFailed, match=r"saving a checkpoint to .*checkpoints failed: OSError: "
+                                                        r"No space left on device \(injected\)"):
+            loop.run(state, slow_step, it, to_device=lambda b: b, checkpointer=ckpt, logger=logger, total_steps=30)
+    finally:
+        logger.close()
+    assert 10 < len(ran) < 20, len(ran)
