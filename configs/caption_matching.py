@@ -7,7 +7,7 @@
 writes ``runs/match-cub/captions_top5.json`` (GIST's format; ``data.captions`` of a fine-tuning job).
 
 Arguments (``configs/caption_matching.py:<arg>``):
-  (none)   CLIP ViT-B/32 as GIST matches (``model.init``), top ``match.k`` = 5.
+  (none)   open_clip's ViT-B-32/laion2b_s34b_b79k as GIST matches (``model.init``), top ``match.k`` = 5.
   small    a tiny random CLIP on generated fine-grained birds; CPU, seconds.
 """
 

@@ -10,7 +10,8 @@ Arguments (comma-separated key=value):
            <root>/<CUB|flower|aircraft|fitzpatrick40>/{metadata*.csv, captions_top5.json,
            long_captions.json}; images default to <root>/<folder>/images (set data.image_dir).
 
-Models as in the paper: descriptions matched with CLIP ViT-B/32, CLIP ViT-L/14@336px fine-tuned
+Models as in GIST's code: descriptions matched with open_clip's ViT-B-32/laion2b_s34b_b79k (GELU), CLIP
+ViT-L/14@336px fine-tuned
 (Adam lr 1e-6, betas 0.9/0.98, eps 1e-6, weight decay 0.001, batch 32, top-5 matched captions), then
 GIST's linear probe (SGD lr 0.5, 1000 epochs, batch 64, best validation epoch). Datasets whose release
 has no class descriptions (flower, aircraft) skip matching and fine-tune on the released
@@ -48,7 +49,7 @@ def get_config(arg: str = "dataset=cub,shots=5"):
 
     c = gist.default_config()
     c.model.init = "ViT-L/14@336px"
-    c.gist.match_model = "ViT-B/32"
+    c.gist.match_model = "ViT-B-32/laion2b_s34b_b79k"  # open_clip's LAION ViT-B/32 (GELU), as GIST's code
     c.data.source = "gist"
     c.data.metadata = os.path.join(folder, "metadata.csv" if shots == "all" else f"metadata_{shots}shot.csv")
     c.data.image_dir = os.path.join(folder, "images")

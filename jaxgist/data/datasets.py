@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from jaxgist.core.config import ConfigError, require
-from jaxgist.data import synthetic
+from jaxgist.data import synthetic, transforms
 from jaxgist.data.sources import GistSource, ImageFolderSource
 
 SOURCES = ("gist", "synthetic", "tfds", "folder")
@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
                        image_size=112, seed=0, num_captions=5, shots=(1, 3, 5)),
         num_captions=5, template="{species}: {caption}", train_split="train", eval_split="val",
         missing_captions="error", check_files=True, skip_unreadable=False, workers=0, prefetch=2,
+        # evaluation preprocessing: "torchvision" (OpenAI's clip, open_clip: the seed methods) or "hf"
+        # (CLIPImageProcessor): center-crop rounding and resize-before-RGB, see jaxgist.data.transforms
+        crop_rounding="torchvision",
     ))
 
 
@@ -46,6 +49,8 @@ def validate(c) -> None:
     require(c.missing_captions in ("error", "skip"),
             f"config.data.missing_captions={c.missing_captions!r} is not 'error' or 'skip'")
     require(c.workers >= 0 and c.prefetch >= 1, "config.data.workers must be >= 0 and config.data.prefetch >= 1")
+    require(c.crop_rounding in transforms.CROP_ROUNDINGS,
+            f"config.data.crop_rounding={c.crop_rounding!r} is not one of {transforms.CROP_ROUNDINGS}")
     if c.source == "gist":
         for key in ("metadata", "image_dir"):
             require(bool(c[key]), f"config.data.{key} must be set for config.data.source='gist'")

@@ -25,6 +25,12 @@ reference pipelines, which pass the stored pixels to the model as they are).
 Decoding is forced at read time (`Image.load`), so a truncated or corrupt file raises
 `ImageReadError` here rather than later in a worker, or never. Pillow's global
 `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False (its default) for truncation to be detected.
+
+`load_pil_image` / `decode_pil_image` stop before the conversion: the decoded PIL image in its stored
+mode, for evaluation preprocessing that resizes before converting to RGB, in torchvision's order
+(`jaxgist.data.transforms`, crop_rounding="torchvision"): a palette or 1-bit image is then resized
+with NEAREST, as PIL does in OpenAI's `clip` preprocessing. The conversion, done after the crop,
+follows the rules above.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageReadError", "decode_image", "load_image", "to_rgb"]
+__all__ = ["ImageReadError", "decode_image", "decode_pil_image", "load_image", "load_pil_image", "to_rgb"]
 
 # Exceptions Pillow raises for undecodable data (UnidentifiedImageError is an OSError; "broken PNG
 # file" is a SyntaxError; some plugins raise struct.error, EOFError or ValueError on short data).
@@ -56,9 +62,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     (naming the path and the reason) when its contents cannot be decoded.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:  # FileNotFoundError carries the path in its message
-        data = f.read()
-    return decode_image(data, name=path)
+    return decode_image(_read_bytes(path), name=path)
+
+
+def load_pil_image(path: str | os.PathLike) -> Image.Image:
+    """Reads an image file into a decoded PIL image in its stored mode (first frame); errors as `load_image`."""
+    path = os.fspath(path)
+    return decode_pil_image(_read_bytes(path), name=path)
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -66,11 +76,37 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
     `name` is used in error messages only (a filename or record key).
     """
+    return _convert(_decode(data, name), name)
+
+
+def decode_pil_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decodes an encoded image held in memory into a PIL image in its stored mode (first frame).
+
+    Raises ImageReadError as `decode_image` does, also when the mode cannot be converted to RGB (tried
+    on one pixel), so such a file fails here, with its name, rather than in a later transform.
+    """
+    image = _decode(data, name)
+    _convert(image.crop((0, 0, 1, 1)), name)
+    return image
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:  # FileNotFoundError carries the path in its message
+        return f.read()
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    """The decoded (loaded) PIL image of `data`; ImageReadError naming `name` if it cannot be decoded."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # Image.open only reads the header; decode now so truncation surfaces here
     except _DECODE_ERRORS as e:
         raise ImageReadError(f"cannot decode image {name!r}: {type(e).__name__}: {e}") from e
+    return image
+
+
+def _convert(image: Image.Image, name: str) -> np.ndarray:
+    """`to_rgb(image)`; ImageReadError naming `name` if its mode cannot be converted."""
     try:
         return to_rgb(image)
     except _DECODE_ERRORS as e:

@@ -90,15 +90,19 @@ class _TrainExample:
 
 
 class _EvalExample:
-    def __init__(self, image_size: int, skip_unreadable: bool):
+    """Decode and preprocess one record for evaluation under ``crop_rounding``'s rule (``transforms``). The
+    image is read in its stored mode: torchvision's rule resizes it so, HF's converts it to RGB first."""
+
+    def __init__(self, image_size: int, skip_unreadable: bool, crop_rounding: str = "torchvision"):
         self.image_size, self.skip_unreadable = image_size, skip_unreadable
+        self.crop_rounding = crop_rounding
 
     def __call__(self, record):
-        image = _read(record, self.skip_unreadable)
+        image = _read(record, self.skip_unreadable, in_stored_mode=True)
         if image is None:
             return None
         return {
-            "image": transforms.clip_eval_preprocess(image, self.image_size),
+            "image": transforms.clip_eval_preprocess(image, self.image_size, self.crop_rounding),
             "label": np.int32(record["label"]),
             "index": np.int64(record["index"]),
         }
@@ -125,13 +129,15 @@ _pending: list[str] = []  # paths this process skipped and has not yet attached 
 _pending_lock = threading.Lock()
 
 
-def _read(record, skip_unreadable: bool):
-    """The record's image as uint8 RGB: decoded from ``record["image_bytes"]`` when the source holds
-    encoded images (TFDS), read from ``record["path"]`` otherwise."""
+def _read(record, skip_unreadable: bool, in_stored_mode: bool = False):
+    """The record's image as uint8 RGB (with ``in_stored_mode``: a PIL image in the file's own mode):
+    decoded from ``record["image_bytes"]`` when the source holds encoded images (TFDS), read from
+    ``record["path"]`` otherwise."""
     try:
         if "image_bytes" in record:
-            return images.decode_image(record["image_bytes"], name=str(record.get("path", record.get("filename"))))
-        return images.load_image(record["path"])
+            decode = images.decode_pil_image if in_stored_mode else images.decode_image
+            return decode(record["image_bytes"], name=str(record.get("path", record.get("filename"))))
+        return images.load_pil_image(record["path"]) if in_stored_mode else images.load_image(record["path"])
     except (FileNotFoundError, images.ImageReadError) as e:
         if not skip_unreadable:
             raise type(e)(f"{e}; --config.data.skip_unreadable=True leaves unreadable images out (and counts "
@@ -235,16 +241,20 @@ def eval_dataset(
     shard_count: int | None = None,
     augment_seed: int | None = None,
     crop_scale: tuple[float, float] = (0.5, 1.0),
+    crop_rounding: str = "torchvision",
 ) -> grain.IterDataset:
     """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short).
 
+    ``crop_rounding``: the evaluation preprocessing's rule, "torchvision" (OpenAI's clip, open_clip) or
+    "hf" (``CLIPImageProcessor``), see ``jaxgist.data.transforms``.
     ``augment_seed`` (None: CLIP's evaluation preprocessing) instead draws a random resized crop
     (``crop_scale``) and flip per record, seeded by the seed and the record's position: the augmented
     passes of few-shot caches (Tip-Adapter), one pass per seed.
     """
+    transforms.check_crop_rounding(crop_rounding)
     ds = grain.MapDataset.source(source)
     if augment_seed is None:
-        ds = ds.map(_EvalExample(image_size, skip_unreadable))
+        ds = ds.map(_EvalExample(image_size, skip_unreadable, crop_rounding))
     else:
         ds = ds.random_map(_AugmentedExample(image_size, crop_scale, skip_unreadable), seed=augment_seed)
     ds = _shard(ds, shard_index, shard_count)

@@ -1,13 +1,27 @@
 """Image transforms into CLIP's input: float32 NHWC pixels normalized with CLIP's mean and std.
 
-Per-image functions take uint8 RGB pixels [H, W, 3] (as `jaxgist.data.images` returns them) and
-use only numpy and PIL, so they run inside grain worker processes. Randomness comes from an
-explicit `np.random.Generator`, so an augmentation is reproducible from its seed.
+Per-image functions take uint8 RGB pixels [H, W, 3] (as `jaxgist.data.images` returns them; the
+evaluation ones also a decoded PIL image in its stored mode) and use only numpy and PIL, so they run
+inside grain worker processes. Randomness comes from an explicit `np.random.Generator`, so an
+augmentation is reproducible from its seed.
 
-- Evaluation (`clip_eval_preprocess`): CLIP's preprocessing, matching
-  `transformers.CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})`
-  (PIL backend): bicubic resize of the short side to S, the long side to `int(S * long / short)`
-  (truncated), then a center crop whose offsets are `(resized - S) // 2` (rounded down).
+- Evaluation (`clip_eval_preprocess`): CLIP's preprocessing: bicubic resize of the short side to S,
+  the long side to `int(S * long / short)` (truncated), then a center crop of S x S. Two rules for
+  the crop offset and the colour conversion (`crop_rounding`):
+  - "torchvision" (the default): as OpenAI's `clip`, open_clip and every seed method this library
+    reimplements, `Compose([Resize(S, BICUBIC), CenterCrop(S), convert RGB, ToTensor(), Normalize])`
+    on a PIL image: offsets `int(round((resized - S) / 2))` (Python's round, halves to even), and a
+    PIL image is resized in its own mode and converted to RGB after the crop. That order matters for
+    palette (P) and 1-bit images, which PIL resizes with NEAREST whatever filter is asked, and slightly
+    (rounding, clipping, premultiplied alpha) for LA, RGBA, CMYK, YCbCr and 16-bit gray; L gives the
+    same pixels either way. The conversion itself follows `images.to_rgb` (alpha composited on white,
+    16-bit gray scaled), not PIL's `convert("RGB")`. Exceptions, converted first: a non-palette image
+    with a `transparency` key colour (interpolation would invent and erase key pixels) and PA (palette
+    indices are not interpolable).
+  - "hf": as `transformers.CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S,
+    "width": S})` (PIL backend): every image converted to RGB first (`images.to_rgb`), then resized;
+    offsets `(resized - S) // 2` (rounded down). The two rules' offsets differ by one pixel when
+    `resized - S` is 3 modulo 4 (e.g. a 96 x 80 image at 336 px: 403 wide, offset 34 vs 33).
 - Training (`train_preprocess`): torchvision's RandomResizedCrop (bicubic) followed by a horizontal
   flip with probability 1/2, then CLIP normalization.
 """
@@ -19,9 +33,13 @@ import math
 import numpy as np
 from PIL import Image
 
+from jaxgist.data import images as images_lib
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "CROP_ROUNDINGS",
+    "check_crop_rounding",
     "normalize",
     "resize_center_crop",
     "clip_eval_preprocess",
@@ -33,6 +51,9 @@ __all__ = [
 # OpenAI CLIP's normalization constants (RGB, on [0, 1] pixels).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+# Evaluation preprocessing rules (module docstring): torchvision's (OpenAI's clip, open_clip) and HF's.
+CROP_ROUNDINGS = ("torchvision", "hf")
 
 
 # uint8 value -> normalized float32, per channel: the same numbers as (v / 255 - mean) / std computed
@@ -67,7 +88,11 @@ def _check_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(new_height, new_width) with the short side = size and the long side int(size * long / short)."""
+    """(new_height, new_width) with the short side = size and the long side int(size * long / short).
+
+    The same expression in both rules: torchvision's `_compute_resized_output_size` (short side =
+    width when width <= height, long side `int(size * long / short)`) and HF's shortest-edge resize.
+    """
     if height <= width:
         return size, int(size * width / height)
     return int(size * height / width), size
@@ -78,23 +103,67 @@ def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: CLIP's resize (short side, bicubic) and center crop.
+def check_crop_rounding(crop_rounding: str) -> str:
+    """``crop_rounding`` if it is one of ``CROP_ROUNDINGS``; ValueError naming them otherwise."""
+    if crop_rounding not in CROP_ROUNDINGS:
+        raise ValueError(f"crop_rounding={crop_rounding!r} is not one of {CROP_ROUNDINGS}")
+    return crop_rounding
+
+
+def _crop_offset(excess: int, crop_rounding: str) -> int:
+    """Offset of a centered crop from an edge `excess` pixels longer than the crop."""
+    if check_crop_rounding(crop_rounding) == "torchvision":
+        return int(round(excess / 2.0))  # torchvision's F.center_crop; Python's round takes halves to even
+    return excess // 2  # HF's CLIPImageProcessor.center_crop
+
+
+def _resized_in_own_mode(image: Image.Image) -> bool:
+    """Whether torchvision's order applies to this PIL image: resized in its own mode, converted after the
+    crop. RGB gives the same pixels either way (so it takes the array path); the exceptions are the
+    module docstring's."""
+    if image.mode in ("RGB", "PA"):
+        return False
+    return "transparency" not in image.info or image.mode in ("1", "P")  # NEAREST keeps key values exact
+
+
+def _resize_center_crop_in_mode(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision's Resize(size, BICUBIC) + CenterCrop(size) on a PIL image of any mode, then RGB.
+
+    PIL's `resize` itself picks NEAREST for modes 1 and P and resamples LA/RGBA premultiplied."""
+    new_height, new_width = _shortest_edge_size(image.height, image.width, size)
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    top = _crop_offset(new_height - size, "torchvision")
+    left = _crop_offset(new_width - size, "torchvision")
+    return images_lib.to_rgb(resized.crop((left, top, left + size, top + size)))
+
+
+def resize_center_crop(image: np.ndarray | Image.Image, size: int, crop_rounding: str = "torchvision") -> np.ndarray:
+    """uint8 [H, W, 3] or a PIL image -> uint8 [size, size, 3]: CLIP's resize (short side, bicubic) and
+    center crop, under ``crop_rounding``'s rule (module docstring).
 
     This is `clip_eval_preprocess` without the scaling to [0, 1] and the normalization.
     """
+    check_crop_rounding(crop_rounding)
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"expected a non-empty image, got size {image.size}")
+        if crop_rounding == "torchvision" and _resized_in_own_mode(image):
+            return _resize_center_crop_in_mode(image, size)
+        image = images_lib.to_rgb(image)
     image = _check_rgb_uint8(image)
     height, width = image.shape[:2]
     new_height, new_width = _shortest_edge_size(height, width, size)
     resized = Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BICUBIC)
-    top = (new_height - size) // 2
-    left = (new_width - size) // 2
+    top = _crop_offset(new_height - size, crop_rounding)
+    left = _crop_offset(new_width - size, crop_rounding)
     return np.ascontiguousarray(np.asarray(resized)[top : top + size, left : left + size])
 
 
-def clip_eval_preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [size, size, 3]: CLIP's evaluation preprocessing, normalized."""
-    return normalize(resize_center_crop(image, size))
+def clip_eval_preprocess(image: np.ndarray | Image.Image, size: int = 224,
+                         crop_rounding: str = "torchvision") -> np.ndarray:
+    """uint8 [H, W, 3] or a PIL image -> float32 [size, size, 3]: CLIP's evaluation preprocessing under
+    ``crop_rounding``'s rule ("torchvision" or "hf", module docstring), normalized."""
+    return normalize(resize_center_crop(image, size, crop_rounding))
 
 
 # ---------------------------------------------------------------------------------------------

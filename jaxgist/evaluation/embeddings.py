@@ -65,9 +65,10 @@ def encode_texts(model, ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 def encode_source(model, source, *, batch_size: int = 64, workers: int = 0, prefetch: int = 2,
                   skip_unreadable: bool = False, normalize: bool = True,
-                  augment_seed: int | None = None) -> dict[str, np.ndarray]:
+                  augment_seed: int | None = None, crop_rounding: str = "torchvision") -> dict[str, np.ndarray]:
     """Image embeddings (unit-norm, or as the model projects them with ``normalize=False``) of every
-    record of ``source`` (CLIP eval preprocessing at the model's resolution), in source order:
+    record of ``source`` (CLIP eval preprocessing at the model's resolution, under ``crop_rounding``'s
+    rule: "torchvision" or "hf", see ``jaxgist.data.transforms``), in source order:
     {"x" [N, E] float32, "y" [N] int32, "index" [N] int64}.
 
     Images are decoded by the grain eval pipeline; every batch is padded to ``batch_size`` so the
@@ -78,7 +79,8 @@ def encode_source(model, source, *, batch_size: int = 64, workers: int = 0, pref
 
     size = model.config.vision.image_size
     ds = pipeline.eval_dataset(source, image_size=size, batch_size=batch_size, skip_unreadable=skip_unreadable,
-                               workers=workers, prefetch=prefetch, augment_seed=augment_seed)
+                               workers=workers, prefetch=prefetch, augment_seed=augment_seed,
+                               crop_rounding=crop_rounding)
     n = len(source)
     x, y, filled = None, np.zeros(n, np.int32), np.zeros(n, bool)
     t0, done = time.perf_counter(), 0

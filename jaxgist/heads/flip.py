@@ -27,6 +27,7 @@ from flax import nnx
 from jaxgist.core.arrays import HIGHEST, l2_normalize, matmul
 from jaxgist.heads import probes
 from jaxgist.heads.base import FittedHead
+from jaxgist.models import layers
 
 __all__ = [
     "KnnClassifier", "CentroidClassifier", "HybridHead", "HybridMLP", "BatchNorm1d", "knn_classifier",
@@ -354,41 +355,8 @@ def centroid_classifier(train_x, train_y, val_x, val_y, num_classes: int, *,
 # ---------------------------------------------------------------------------------------------------
 
 
-class BatchNorm1d(nnx.Module):
-    """PyTorch's ``BatchNorm1d`` over the rows of [B, features], as an NNX module.
-
-    Training mode (``use_running_average=False``): normalizes with the mean and the biased variance of
-    the batch (of the rows where ``mask`` [B] is set, when given) and updates the running statistics
-    as ``(1 - momentum) * running + momentum * batch``, the variance with the *unbiased* batch variance
-    (times m / (m - 1)), as PyTorch does; ``nnx.BatchNorm`` uses the biased one. Eval mode: normalizes
-    with the running statistics. ``momentum`` is in PyTorch's terms (0.1 is ``nnx.BatchNorm``'s 0.9).
-    Parameters ``scale`` (PyTorch's ``weight``) and ``bias``; statistics (``nnx.BatchStat``) ``mean``
-    and ``var``, initialized as PyTorch does (1, 0, 0, 1).
-    """
-
-    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5,
-                 use_running_average: bool = False):
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-        self.momentum, self.eps = float(momentum), float(eps)
-        self.use_running_average = use_running_average
-
-    def __call__(self, x, use_running_average: bool | None = None, mask=None):
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        if use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
-            m = jnp.sum(w)
-            mean = jnp.sum(w[:, None] * x, axis=0) / m
-            var = jnp.sum(w[:, None] * jnp.square(x - mean), axis=0) / m
-            unbiased = var * m / jnp.maximum(m - 1.0, 1.0)
-            self.mean[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.mean[...] + self.momentum * mean)
-            self.var[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.var[...] + self.momentum * unbiased)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+# PyTorch's BatchNorm1d (unbiased running variance, row mask), shared with the CNN towers
+BatchNorm1d = layers.BatchNorm
 
 
 def _torch_linear_init(fan_in: int):

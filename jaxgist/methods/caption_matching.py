@@ -185,7 +185,7 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
                   descriptions: Sequence[Sequence[str]], *, k: int = 5, image_size: int | None = None,
                   batch_size: int = 64, text_batch_size: int = 256, split: str | None = "train",
                   workers: int = 0, skip_unreadable: bool = False, shard_index: int | None = None,
-                  shard_count: int | None = None) -> Matches:
+                  shard_count: int | None = None, crop_rounding: str = "torchvision") -> Matches:
     """The top-``k`` descriptions of each image's class for every selected record, as arrays.
 
     See ``match_captions`` for the arguments. Records left out by ``split`` or skipped as
@@ -214,7 +214,7 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
     seen = np.zeros(n, bool)
     data = pipeline.eval_dataset(_Selected(source, positions), image_size=image_size, batch_size=batch,
                                  skip_unreadable=skip_unreadable, workers=workers, prefetch=4,
-                                 shard_index=shard_index, shard_count=shard_count)
+                                 shard_index=shard_index, shard_count=shard_count, crop_rounding=crop_rounding)
     logging.info("caption matching: %d images of %d classes, %d descriptions (%d to %d per class), "
                  "k=%d, %dpx, batch %d, %s", n, len(descriptions), int(counts.sum()), int(counts.min()),
                  int(counts.max()), k, image_size, batch, embeddings.device_summary())
@@ -270,7 +270,8 @@ def match_indices(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
 def match_captions(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
                    descriptions: Sequence[Sequence[str]], *, k: int = 5, image_size: int | None = None,
                    batch_size: int = 64, text_batch_size: int = 256, split: str | None = "train",
-                   workers: int = 0, skip_unreadable: bool = False) -> dict[str, list[str]]:
+                   workers: int = 0, skip_unreadable: bool = False,
+                   crop_rounding: str = "torchvision") -> dict[str, list[str]]:
     """``filename -> [caption, ...]``: each image's ``k`` best descriptions of its own class, best first.
 
     Args:
@@ -287,6 +288,8 @@ def match_captions(model, tokenize: Callable[[Sequence[str]], np.ndarray], sourc
         None matches every record. GIST matches the ``train`` split.
       workers: grain decoding processes (0: threads in this process).
       skip_unreadable: leave out (and log) images that cannot be read instead of failing.
+      crop_rounding: the image preprocessing's rule, "torchvision" (OpenAI's clip) or "hf"
+        (``CLIPImageProcessor``), see ``jaxgist.data.transforms``.
 
     Ties between equal scores go to the description that comes first in the class's list. The
     result is in the order of the source's records. Each process scores its shard of the images on
@@ -294,7 +297,7 @@ def match_captions(model, tokenize: Callable[[Sequence[str]], np.ndarray], sourc
     """
     matches = match_indices(model, tokenize, source, descriptions, k=k, image_size=image_size,
                             batch_size=batch_size, text_batch_size=text_batch_size, split=split,
-                            workers=workers, skip_unreadable=skip_unreadable)
+                            workers=workers, skip_unreadable=skip_unreadable, crop_rounding=crop_rounding)
     return matches.captions(descriptions)
 
 
@@ -346,8 +349,9 @@ def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
 # ---------------------------------------------------------------------------------------------
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every key the caption-matching job reads: GIST matches with CLIP ViT-B/32, top 5 per image."""
-    return methods.clip_job_config("caption_matching", "ViT-B/32", match=dict(k=5, batch_size=64))
+    """Every key the caption-matching job reads: GIST matches with open_clip's LAION ViT-B/32
+    (``ViT-B-32/laion2b_s34b_b79k``), top 5 per image."""
+    return methods.clip_job_config("caption_matching", "ViT-B-32/laion2b_s34b_b79k", match=dict(k=5, batch_size=64))
 
 
 def validate(config) -> None:
@@ -377,7 +381,8 @@ def match_split(model_config, data, workdir, out, *, k: int, batch_size: int, se
     tokenize = tokenizer_lib.load(model_config.tokenizer or None)
     t0 = time.perf_counter()
     matches = match_to_file(model, tokenize, source, paths["descriptions"], out, k=k, batch_size=batch_size,
-                            workers=data.workers, skip_unreadable=data.skip_unreadable)
+                            workers=data.workers, skip_unreadable=data.skip_unreadable,
+                            crop_rounding=data.crop_rounding)
     seconds = time.perf_counter() - t0
     return {"images": len(matches), "skipped_unreadable": len(source) - len(matches), "k": k,
             "seconds": round(seconds, 2), "images_per_s": round(len(matches) / max(seconds, 1e-9), 1),

@@ -87,6 +87,9 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
         f"config.data.train_split={config.data.train_split!r} / eval_split={config.data.eval_split!r}: the "
         f"test split is never trained or selected on")
     clip.check_model_config(config.model)
+    if config.train.export_hf and clip.config_from_model_config(config.model).is_resnet:
+        raise config_lib.ConfigError("config.train.export_hf: HF's CLIPModel has no ResNet image tower; a ResNet "
+                                     "CLIP stays in its Orbax checkpoints")
     try:
         optim.validate(config.optim)
         parallel.check_rules(config.sharding.rules)
@@ -308,6 +311,7 @@ class Evaluator:
         self.local_batch = self.batch // jax.process_count()
         self.class_ids = tokenize([EVAL_TEMPLATE.format(n) for n in self.source.class_names])
         self.workers, self.prefetch = config.data.workers, config.data.prefetch
+        self.crop_rounding = config.data.crop_rounding
         graphdef = setup.graphdef
         rep = parallel.replicated(setup.mesh)
         bs = parallel.batch_sharding(setup.mesh)
@@ -326,7 +330,8 @@ class Evaluator:
         per_process = math.ceil(len(self.source) / jax.process_count())
         num_batches = math.ceil(per_process / self.local_batch)
         it = iter(pipeline.eval_dataset(self.source, image_size=self.setup.image_size, batch_size=self.local_batch,
-                                        workers=self.workers, prefetch=self.prefetch))
+                                        workers=self.workers, prefetch=self.prefetch,
+                                        crop_rounding=self.crop_rounding))
         ids = jax.device_put(self.class_ids, parallel.replicated(self.setup.mesh))
         model_state = state.models[finetune_step.MODEL]
         total, seen = 0, 0

@@ -37,13 +37,15 @@ def make_step_fn(layout: train_state.Layout, lr_schedule: optax.Schedule, accumu
     (``models.layers.activation_sharding``)."""
     def loss_fn(params, rest, batch):
         model = layout.module(MODEL, params, rest)
+        model.train()  # a ResNet tower's BatchNorm uses and updates batch statistics, as PyTorch's train()
         with layers.activation_sharding(activations):
             logits_per_image, _ = model(batch["image"], batch["ids"])
-        return losses.clip_loss(logits_per_image), (logits_per_image, model.scale())
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        return losses.clip_loss(logits_per_image), (logits_per_image, model.scale(), new_rest)
 
     def step_fn(state: train_state.TrainState, batch):
         params, rest = layout.split(state, MODEL)
-        (loss, (logits, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        (loss, (logits, scale, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
@@ -51,7 +53,7 @@ def make_step_fn(layout: train_state.Layout, lr_schedule: optax.Schedule, accumu
             "logit_scale": scale,
             **losses.retrieval_accuracy(logits),
         }
-        return layout.apply_gradients(state, {MODEL: grads}), metrics
+        return layout.apply_gradients(state, {MODEL: grads}, rest={MODEL: new_rest}), metrics
 
     return step_fn
 

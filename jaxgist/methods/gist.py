@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.method = "gist"
     c.gist = ml_collections.ConfigDict(dict(
         stages=("match", "finetune", "embed", "evaluate"),
-        match_model="ViT-B/32", match_k=5, batch_size=64, splits=("train", "val", "test"),
+        match_model="ViT-B-32/laion2b_s34b_b79k", match_k=5, batch_size=64, splits=("train", "val", "test"),
         probes=("sgd",), sgd=dict(lr=0.5, epochs=1000, batch_size=64), normalize_features=False,
         zero_shot_templates=("a photo of a {}.",), bootstrap=1000, eval_step=-1, seed=0,
         augment_views=0, heads=(), coder_knowledge="",
@@ -98,7 +98,11 @@ def validate(config) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _model_config(config, init: str) -> ml_collections.ConfigDict:
+    """``config.model`` with other weights: a different checkpoint keeps only the numerics (its
+    activation is its own, never the fine-tuned model's ``model.act``)."""
     m = copy.deepcopy(config.model)
+    if init != m.init:
+        m.act = ""
     m.init = init
     return m
 
@@ -205,7 +209,8 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
             splits[split] = embeddings.encode_source(model, source, batch_size=g.batch_size,
                                                      workers=config.data.workers,
                                                      skip_unreadable=config.data.skip_unreadable,
-                                                     normalize=g.normalize_features)
+                                                     normalize=g.normalize_features,
+                                                     crop_rounding=config.data.crop_rounding)
         if g.augment_views:
             train = datasets.source(config.data, "train", workdir, with_captions=False)
             views = [embeddings.encode_source(model, train, batch_size=g.batch_size, workers=config.data.workers,

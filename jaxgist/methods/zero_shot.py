@@ -54,7 +54,8 @@ def run(config, workdir: str) -> dict:
     logging.info("zero-shot: %d %s images of %d classes, %s", len(source), z.split, len(source.class_names),
                  embeddings.device_summary())
     images = embeddings.encode_source(model, source, batch_size=z.batch_size, workers=config.data.workers,
-                                      skip_unreadable=config.data.skip_unreadable)
+                                      skip_unreadable=config.data.skip_unreadable,
+                                      crop_rounding=config.data.crop_rounding)
     weights = class_embeddings(model, tokenize, source.class_names, tuple(z.templates))
     ks = tuple(sorted({1, min(5, len(source.class_names))}))
     metrics = accuracy.accuracy_summary(100.0 * images["x"] @ weights.T, images["y"], prefix=z.split, ks=ks,

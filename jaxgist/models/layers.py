@@ -1,4 +1,4 @@
-"""Layers the transformer models share (Flax NNX): LayerNorm in float32, a 2-D-matmul Dense, multi-head
+"""Layers the models share (Flax NNX): LayerNorm in float32, PyTorch's BatchNorm, a 2-D-matmul Dense, multi-head
 self-attention with q/k/v projections, the MLP, the pre-LN block and the encoder stack, with HF's
 parameter names (``self_attn.q_proj``, ``layer_norm1``, ``mlp.fc1``, ``layers.N``).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,49 @@ class LayerNorm(nnx.Module):
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch's ``BatchNorm1d``/``BatchNorm2d`` over channels-last inputs ([B, C] or [B, H, W, C]).
+
+    Training mode (``use_running_average=False``): normalizes with the batch mean and biased variance
+    over every axis but the last (over the rows where ``mask`` [B] is set, when given) and updates the
+    running statistics as ``(1 - momentum) * running + momentum * batch``, the variance with the
+    *unbiased* batch variance, as PyTorch does (``nnx.BatchNorm`` uses the biased one). Eval mode
+    (``model.eval()`` sets it): the running statistics. ``momentum`` is in PyTorch's terms (0.1 is
+    ``nnx.BatchNorm``'s 0.9). Parameters ``scale`` (PyTorch's ``weight``) and ``bias``; statistics
+    (``nnx.BatchStat``) ``mean`` and ``var``. Computed in float32, returned in the input's dtype.
+    Under a sharded jit the batch statistics are those of the global batch (SyncBatchNorm's).
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5,
+                 use_running_average: bool = False, scale_init: float = 1.0, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.full((num_features,), scale_init, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum, self.eps = float(momentum), float(eps)
+        self.use_running_average = use_running_average
+
+    def __call__(self, x, use_running_average: bool | None = None, mask=None):
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        dtype, xf = x.dtype, x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
+            w = w.reshape(w.shape + (1,) * (x.ndim - 1))
+            m = jnp.sum(w) * math.prod(x.shape[1:-1])
+            mean = jnp.sum(w * xf, axis=axes) / m
+            var = jnp.sum(w * jnp.square(xf - mean), axis=axes) / m
+            unbiased = var * m / jnp.maximum(m - 1.0, 1.0)
+            self.mean[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.mean[...] + self.momentum * mean)
+            self.var[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.var[...] + self.momentum * unbiased)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
 

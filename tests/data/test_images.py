@@ -1,6 +1,6 @@
-"""Reading images: every colour mode becomes uint8 RGB; missing and broken files raise clear errors."""
+"""Reading images: every colour mode becomes uint8 RGB; missing and broken files raise clear errors; the
+evaluation preprocessing resizes a PIL image in its own mode before the RGB conversion, as torchvision."""
 
-import io
 import struct
 import zlib
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgist.data.images import ImageReadError, decode_image, load_image
+from jaxgist.data import transforms
+from jaxgist.data.images import ImageReadError, decode_image, decode_pil_image, load_image, load_pil_image
 
 
 def _photo(height=48, width=64, seed=0):
@@ -155,6 +156,121 @@ def test_palette_png_with_transparent_index_uses_white(tmp_path):
 def test_decode_image_from_bytes_matches_file(tmp_path):
     path = _save(Image.fromarray(_photo()), tmp_path / "a.png")
     np.testing.assert_array_equal(decode_image(path.read_bytes(), name="rec/0"), load_image(path))
+
+
+# --- torchvision's order: resize in the stored mode, crop, then RGB ---------------------------------------------
+
+# 96 x 80 at 336 px: 403 x 336, an offset of 33.5 that torchvision rounds to 34; 50 x 70 at 32: 32 x 44, offset 6.
+TV_SIZES = [(80, 96, 336), (70, 50, 32)]
+
+
+def _torchvision_resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size, BICUBIC) + CenterCrop(size) on a PIL image, in its own mode, written out from
+    torchvision's source without our code (as in test_transforms.py; torchvision itself needs CUDA torch
+    here): long side `int(size * long / short)`, PIL's `resize` (which uses NEAREST for modes 1 and P and
+    resamples LA/RGBA premultiplied), offsets `int(round((in - size) / 2.0))`."""
+    w, h = image.size
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _on_white(image: Image.Image) -> np.ndarray:
+    """Alpha composited on white, the library's conversion of images with transparency."""
+    rgba = image.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+
+
+def _mode_images(height, width):
+    """Files whose stored mode is not RGB: name -> PIL image to save."""
+    rgb = Image.fromarray(_photo(height, width, seed=5))
+    return {
+        "P": rgb.quantize(colors=12),
+        "1": rgb.convert("L").point(lambda v: 255 * (v > 110)).convert("1"),
+        "L": rgb.convert("L"),
+    }
+
+
+@pytest.mark.parametrize("height,width,size", TV_SIZES)
+@pytest.mark.parametrize("mode", ["P", "1", "L"])
+def test_torchvision_rule_resizes_in_the_stored_mode_then_converts(tmp_path, mode, height, width, size):
+    path = _save(_mode_images(height, width)[mode], tmp_path / f"{mode}.png")
+    stored = Image.open(path)
+    assert stored.mode == mode
+    reference = np.asarray(_torchvision_resize_crop(stored, size).convert("RGB"))  # OpenAI clip, bit for bit
+    ours = transforms.resize_center_crop(load_pil_image(path), size, crop_rounding="torchvision")
+    assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
+    np.testing.assert_array_equal(ours, reference)
+    rgb_first = transforms.resize_center_crop(load_image(path), size, crop_rounding="torchvision")
+    if mode == "L":  # gray resized then replicated = replicated then resized
+        np.testing.assert_array_equal(rgb_first, reference)
+    else:  # PIL resizes 1 and P with NEAREST: the order changes the pixels
+        assert np.abs(rgb_first.astype(int) - reference).max() > 30
+
+
+@pytest.mark.parametrize("mode", ["P", "1"])
+def test_hf_rule_converts_to_rgb_first(tmp_path, mode):
+    path = _save(_mode_images(80, 96)[mode], tmp_path / f"{mode}.png")
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    resized = np.asarray(Image.fromarray(rgb).resize((403, 336), Image.Resampling.BICUBIC))
+    ours = transforms.resize_center_crop(load_pil_image(path), 336, crop_rounding="hf")
+    np.testing.assert_array_equal(ours, resized[:, 33:369])  # (403 - 336) // 2 = 33
+    np.testing.assert_array_equal(ours, transforms.resize_center_crop(load_image(path), 336, crop_rounding="hf"))
+
+
+def test_torchvision_rule_keeps_a_palette_transparency_and_composites_after_the_crop(tmp_path):
+    indices = (np.arange(30 * 40).reshape(30, 40) // 7 % 3).astype(np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette([200, 0, 0, 0, 0, 200, 0, 150, 0] + [0] * 759)
+    path = _save(image, tmp_path / "pt.png", transparency=1)
+    stored = Image.open(path)
+    reference = _on_white(_torchvision_resize_crop(stored, 24))
+    ours = transforms.resize_center_crop(load_pil_image(path), 24, crop_rounding="torchvision")
+    np.testing.assert_array_equal(ours, reference)
+    assert set(map(tuple, ours.reshape(-1, 3))) <= {(200, 0, 0), (255, 255, 255), (0, 150, 0)}  # NEAREST: no blends
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_torchvision_rule_resizes_alpha_images_premultiplied_then_composites(tmp_path, mode):
+    alpha = np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))  # transparent left to opaque right
+    rgba = np.concatenate([_photo(40, 50, seed=3), alpha[..., None]], -1)
+    path = _save(Image.fromarray(rgba, "RGBA").convert(mode), tmp_path / f"{mode}.png")
+    reference = _on_white(_torchvision_resize_crop(Image.open(path), 32))
+    ours = transforms.resize_center_crop(load_pil_image(path), 32, crop_rounding="torchvision")
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_torchvision_rule_scales_16bit_gray_after_the_resize(tmp_path):
+    values = (np.linspace(0, 65535, 50)[None, :] * np.linspace(0.2, 1, 40)[:, None]).astype(np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "d.png")
+    stored = Image.open(path)
+    assert stored.mode.startswith("I")
+    crop = np.asarray(_torchvision_resize_crop(stored, 32)).astype(np.int64)
+    reference = np.repeat(((np.clip(crop, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, -1)
+    ours = transforms.resize_center_crop(load_pil_image(path), 32, crop_rounding="torchvision")
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_a_transparency_key_colour_of_a_non_palette_image_is_applied_before_the_resize(tmp_path):
+    gray = (np.arange(40 * 50).reshape(40, 50) % 97 + 60).astype(np.uint8)
+    path = _save(Image.fromarray(gray, "L"), tmp_path / "lt.png", transparency=100)
+    assert "transparency" in Image.open(path).info
+    for rule in transforms.CROP_ROUNDINGS:  # interpolation would invent and erase key pixels: RGB first
+        np.testing.assert_array_equal(transforms.resize_center_crop(load_pil_image(path), 32, crop_rounding=rule),
+                                      transforms.resize_center_crop(load_image(path), 32, crop_rounding=rule))
+
+
+def test_pil_image_loaders_keep_the_stored_mode(tmp_path):
+    path = _save(_mode_images(20, 30)["P"], tmp_path / "p.png")
+    image = load_pil_image(path)
+    assert image.mode == "P" and image.size == (30, 20)
+    assert decode_pil_image(path.read_bytes(), name="rec/0").mode == "P"
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), load_image(path))
+    with pytest.raises(FileNotFoundError, match="absent.png"):
+        load_pil_image(tmp_path / "absent.png")
+    with pytest.raises(ImageReadError, match="record-3"):
+        decode_pil_image(b"not an image", name="record-3")
 
 
 # --- missing and broken files ------------------------------------------------------------------

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgist.data import images, pipeline, synthetic
+from jaxgist.core.config import ConfigError
+from jaxgist.data import datasets, images, pipeline, synthetic, transforms
 from jaxgist.models.clip import tokenizer
 
 NUM_IMAGES, NUM_CAPTIONS, SIZE = 12, 2, 32
@@ -182,3 +183,39 @@ def test_augmented_eval_passes_are_seeded_views_in_source_order(source):
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(a["image"], c["image"]) and not np.array_equal(a["image"], plain["image"])
     assert a["image"].shape == plain["image"].shape and a["image"].dtype == np.float32
+
+
+def test_eval_preprocessing_follows_crop_rounding(tmp_path):
+    """A palette image 59 x 40 at 32 px (47 x 32: an offset of 7.5, 8 by torchvision's rule, 7 by HF's):
+    the default is torchvision's rule, resizing in the stored mode; "hf" converts first and floors. A TFDS-style
+    record holding the encoded bytes gives the same pixels as the file."""
+    rgb = Image.fromarray(synthetic.draw(synthetic.class_names(1)[0], 64, np.random.default_rng(1))).resize((59, 40))
+    path = tmp_path / "p.png"
+    rgb.quantize(colors=8).save(path)
+    record = {"index": 0, "filename": "p.png", "path": str(path), "label": 0}
+    from_bytes = {**record, "image_bytes": path.read_bytes()}
+
+    def first(rec, **kw):
+        return next(iter(pipeline.eval_dataset([rec], image_size=SIZE, batch_size=1, **kw)))["image"][0]
+
+    torchvision = transforms.clip_eval_preprocess(images.load_pil_image(path), SIZE, crop_rounding="torchvision")
+    hf = transforms.clip_eval_preprocess(images.load_image(path), SIZE, crop_rounding="hf")
+    assert not np.array_equal(torchvision, hf)
+    for rec in (record, from_bytes):
+        np.testing.assert_array_equal(first(rec), torchvision)
+        np.testing.assert_array_equal(first(rec, crop_rounding="torchvision"), torchvision)
+        np.testing.assert_array_equal(first(rec, crop_rounding="hf"), hf)
+    with pytest.raises(ValueError, match="crop_rounding='round'"):
+        pipeline.eval_dataset([record], image_size=SIZE, batch_size=1, crop_rounding="round")
+
+
+def test_data_config_checks_crop_rounding():
+    c = datasets.default_config()
+    c.source, c.folder = "folder", "images"
+    assert c.crop_rounding == "torchvision"
+    datasets.validate(c)
+    c.crop_rounding = "hf"
+    datasets.validate(c)
+    c.crop_rounding = "floor"
+    with pytest.raises(ConfigError, match=r"config\.data\.crop_rounding='floor'"):
+        datasets.validate(c)

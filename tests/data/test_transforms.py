@@ -1,4 +1,5 @@
-"""CLIP evaluation preprocessing against Hugging Face's, and the random-resized-crop augmentation."""
+"""CLIP evaluation preprocessing against torchvision's rule (OpenAI's clip) and Hugging Face's, and the
+random-resized-crop augmentation."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from jaxgist.data import transforms
 from jaxgist.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    CROP_ROUNDINGS,
     clip_eval_preprocess,
     normalize,
     random_resized_crop_box,
@@ -20,6 +22,11 @@ from jaxgist.data.transforms import (
 # (width, height). 227x224 and 224x231 resize to an odd excess of 3 and 7 pixels at size 224, where
 # flooring the crop offset (HF) and rounding it half to even (torchvision) disagree by one pixel.
 SIZES = [(300, 200), (200, 300), (224, 224), (500, 180), (97, 131), (227, 224), (224, 231)]
+# (width, height, size) where the two rules' offsets differ: excess 67 (96x80 at 336: 403 wide, offset 33.5 ->
+# 34 vs 33), 3 (227x224), 7 (224x231); and where they agree although (in - out) / 2 is a half: excess 5
+# (69x64 at 64: 2.5 -> 2, as round-half-to-even and floor give, not 3 as rounding half up would), 1.
+DIFFERING = [(96, 80, 336), (227, 224, 224), (224, 231, 224), (80, 96, 336)]
+HALF_TO_EVEN = [(69, 64, 64), (64, 69, 64), (65, 64, 64)]
 
 
 def _image(height, width, seed=0):
@@ -41,6 +48,26 @@ def _hf_processor(size):
     return processor
 
 
+def _torchvision_reference(image: Image.Image, size: int) -> np.ndarray:
+    """OpenAI clip's `Compose([Resize(size, BICUBIC), CenterCrop(size), convert RGB])` on a PIL image, written
+    out from torchvision's source without our code (torchvision needs CUDA torch here, GUIDE section 4):
+    - `F.resize` -> `_compute_resized_output_size`: `short, long = (w, h) if w <= h else (h, w)`, the
+      short side becomes `size`, the long one `int(size * long / short)`; then PIL's `img.resize((w, h),
+      BICUBIC)` (PIL itself uses NEAREST for modes 1 and P), skipped when the size is already right.
+    - `F.center_crop`: `top = int(round((h - size) / 2.0))`, `left = int(round((w - size) / 2.0))`,
+      `img.crop((left, top, left + size, top + size))`.
+    - `_convert_image_to_rgb`: `img.convert("RGB")`.
+    """
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
 def _unnormalize(pixels):
     return pixels * CLIP_STD + CLIP_MEAN
 
@@ -54,24 +81,84 @@ def test_eval_preprocess_matches_hf_clip_image_processor(width, height, size):
     image = _image(height, width, seed=width * height)
     hf = _hf_processor(size)(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0]
     hf = hf.transpose(1, 2, 0)  # NCHW -> NHWC
-    ours = clip_eval_preprocess(image, size)
+    ours = clip_eval_preprocess(image, size, crop_rounding="hf")
     assert ours.shape == (size, size, 3) and ours.dtype == np.float32
     max_diff = np.abs(_unnormalize(ours) - _unnormalize(hf)).max()
     assert max_diff <= 2 / 255, f"{width}x{height} -> {size}: max diff {max_diff * 255:.2f}/255"
 
 
+@pytest.mark.parametrize("width,height,size", DIFFERING)
+def test_hf_rule_matches_hf_where_the_rules_differ(width, height, size):
+    image = _image(height, width, seed=size)
+    hf = _hf_processor(size)(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+    hf = hf.transpose(1, 2, 0)  # NCHW -> NHWC
+    ours = _unnormalize(clip_eval_preprocess(image, size, crop_rounding="hf"))
+    assert np.abs(ours - _unnormalize(hf)).max() <= 2 / 255
+    torchvision = _unnormalize(clip_eval_preprocess(image, size, crop_rounding="torchvision"))
+    assert np.abs(torchvision - _unnormalize(hf)).max() > 4 / 255  # one pixel off: outside the tolerance above
+
+
+@pytest.mark.parametrize("width,height,size", 
+                         [(w, h, s) for w, h in SIZES for s in (224, 64)] + DIFFERING + HALF_TO_EVEN)
+def test_torchvision_rule_matches_the_torchvision_reference_exactly(width, height, size):
+    image = _image(height, width, seed=width + height)
+    ours = resize_center_crop(image, size, crop_rounding="torchvision")
+    np.testing.assert_array_equal(ours, _torchvision_reference(Image.fromarray(image), size))
+    # the same pixels from a PIL image, the form the eval pipeline passes
+    np.testing.assert_array_equal(resize_center_crop(Image.fromarray(image), size), ours)
+
+
+@pytest.mark.parametrize("width,height,size", DIFFERING)
+def test_the_rules_differ_by_one_pixel_where_the_offset_is_a_half_rounded_up(width, height, size):
+    image = _image(height, width, seed=1)
+    torchvision = resize_center_crop(image, size, crop_rounding="torchvision")
+    hf = resize_center_crop(image, size, crop_rounding="hf")
+    assert not np.array_equal(torchvision, hf)
+    # the same resized image, cropped one pixel further along the long side by torchvision's rule
+    axis = 1 if width > height else 0
+    np.testing.assert_array_equal(np.take(torchvision, range(size - 1), axis=axis),
+                                  np.take(hf, range(1, size), axis=axis))
+
+
+@pytest.mark.parametrize("width,height,size", HALF_TO_EVEN)
+def test_halves_round_to_even_so_the_rules_agree_there(width, height, size):
+    image = _image(height, width, seed=2)
+    torchvision = resize_center_crop(image, size, crop_rounding="torchvision")
+    np.testing.assert_array_equal(torchvision, resize_center_crop(image, size, crop_rounding="hf"))
+    # rounding half up would have moved the crop: the test tells the rules apart
+    new_w, new_h = (int(size * width / height), size) if width > height else (size, int(size * height / width))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    up_top, up_left = int(np.floor((new_h - size) / 2 + 0.5)), int(np.floor((new_w - size) / 2 + 0.5))
+    assert not np.array_equal(torchvision, resized[up_top : up_top + size, up_left : up_left + size])
+
+
+def test_torchvision_is_the_default_rule():
+    image = _image(80, 96)
+    np.testing.assert_array_equal(clip_eval_preprocess(image, 336), clip_eval_preprocess(image, 336, "torchvision"))
+    assert not np.array_equal(clip_eval_preprocess(image, 336), clip_eval_preprocess(image, 336, "hf"))
+    assert CROP_ROUNDINGS == ("torchvision", "hf")
+
+
+def test_an_unknown_crop_rounding_is_an_error_naming_the_choices():
+    with pytest.raises(ValueError, match=r"crop_rounding='floor'.*torchvision.*hf"):
+        clip_eval_preprocess(_image(40, 50), 32, crop_rounding="floor")
+
+
 def test_resize_center_crop_is_the_unnormalized_eval_preprocess():
     image = _image(131, 97)
-    crop = resize_center_crop(image, 64)
-    assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
-    np.testing.assert_allclose(_unnormalize(clip_eval_preprocess(image, 64)), crop / 255.0, atol=1e-6)
+    for rule in CROP_ROUNDINGS:
+        crop = resize_center_crop(image, 64, rule)
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        np.testing.assert_allclose(_unnormalize(clip_eval_preprocess(image, 64, rule)), crop / 255.0, atol=1e-6)
 
 
 def test_eval_resize_keeps_aspect_and_truncates_the_long_side():
     # 97 x 131 -> short side 64, long side int(64 * 131 / 97) = int(86.43) = 86; crop offset (86 - 64) // 2 = 11
+    # under both rules (22 / 2 is whole)
     image = _image(131, 97)
     resized = np.asarray(Image.fromarray(image).resize((64, 86), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(resize_center_crop(image, 64), resized[11:75])
+    for rule in CROP_ROUNDINGS:
+        np.testing.assert_array_equal(resize_center_crop(image, 64, rule), resized[11:75])
 
 
 def test_eval_preprocess_of_a_constant_image_is_the_normalized_colour():

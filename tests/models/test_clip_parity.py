@@ -157,7 +157,10 @@ def test_openai_state_dict_parity(tmp_path, args):
     ref = module.CLIP(*args).eval()
     path = tmp_path / "openai.pt"
     torch.save(ref.state_dict(), path)
-    ours = clip.load(path)
+    with pytest.raises(clip.UnknownActivation, match=r"openai\.pt: an OpenAI-layout CLIP state dict does not record its "
+                                                      r"activation .*--config\.model\.act=quick_gelu or gelu"):
+        clip.load(path)  # a plain state dict does not say whether it is OpenAI's (QuickGELU) or a LAION one
+    ours = clip.load(path, act="quick_gelu")
     embed, res, _, _, _, ctx, vocab = args[:7]
     assert ours.config.vision.image_size == res and ours.config.embed_dim == embed
     rng = np.random.default_rng(0)
@@ -183,7 +186,7 @@ def test_openai_fp16_checkpoint_wrapped_and_prefixed(tmp_path):
     sd = {"module." + k: v for k, v in ref.state_dict().items()}
     path = tmp_path / "gist_finetuned.pth"
     torch.save({"epoch": 3, "model_state_dict": sd}, path)
-    ours = clip.load(path, dtype=jnp.float32)
+    ours = clip.load(path, dtype=jnp.float32, act="quick_gelu")
     assert ours.logit_scale[...].dtype == jnp.float32
     ref = ref.float()
     rng = np.random.default_rng(0)

@@ -196,3 +196,18 @@ def test_other_methods_compile_their_train_step(v5e_2x2, config_file):
     c.method = "zero_shot"
     with pytest.raises(ConfigError, match="'zero_shot' has no train step to compile"):
         aot.compile_train_step(c, v5e_2x2, topology="v5e:2x2")
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_rn50_finetuning_compiles_for_v5e_2x2_with_sharded_convolutions_and_batchnorm(v5e_2x2):
+    """OpenAI's RN50 at full size, fine-tuned with FSDP (about 2 minutes of compiling): convolution
+    kernels and BatchNorm are covered by the sharding rules, so each of the 4 chips holds about a
+    quarter of the parameters and Adam moments."""
+    c = small_config(global_batch=8)
+    c.model.init = "RN50"  # the architecture only: compiling reads no weights
+    c.mesh = FSDP
+    r = aot.compile_train_step(c, v5e_2x2, topology="v5e:2x2")
+    assert r.fits and r.mesh == {"data": 1, "fsdp": 4} and r.num_params > 100e6
+    replicated = 3 * 4 * r.num_params  # fp32 parameters and two Adam moments on every chip
+    assert r.argument_bytes < 0.4 * replicated, (r.argument_bytes, replicated)

@@ -1,7 +1,7 @@
 """Public CLIP API: ``create`` (random init), ``load`` (pretrained), ``save_hf``, and the model.
 
     from jaxgist.models import clip
-    model = clip.load("ViT-B/32")                  # hub name, HF directory or OpenAI .pt
+    model = clip.load("ViT-B/32")                  # OpenAI/open_clip name, hub name, HF directory or OpenAI .pt
     img = model.encode_image(pixels)               # [B, H, W, 3] normalized -> [B, E]
     txt = model.encode_text(ids)                   # [B, L] ids -> [B, E]
     logits_per_image, logits_per_text = model(pixels, ids)
@@ -20,9 +20,12 @@ from jaxgist.models.clip.model import (  # noqa: F401
     normalize,
     resolve_config,
 )
+from jaxgist.models.clip.pretrained import PRETRAINED  # noqa: F401
+from jaxgist.models.clip.resnet import ResNetConfig  # noqa: F401
 from jaxgist.models.clip.weights import (  # noqa: F401
     OPENAI_HUB_NAMES,
     CheckpointMismatchError,
+    UnknownActivation,
     config_from_hf,
     config_from_openai,
     config_to_hf,
@@ -36,13 +39,14 @@ from jaxgist.models.clip.weights import (  # noqa: F401
 
 
 def default_model_config(init: str = "ViT-B/32"):
-    """A job config's ``model`` section: ``init`` (hub name, HF directory or .pt; "" for a random
-    ``preset``), ``tokenizer`` ("": the bundled one), ``dtype`` (parameters), ``compute_dtype``
-    ("": the same), ``remat``."""
+    """A job config's ``model`` section: ``init`` (OpenAI or open_clip name, hub name, HF directory or
+    .pt; "" for a random ``preset``), ``act`` ("": what the checkpoint says; quick_gelu or gelu forces
+    it, and an OpenAI-layout state dict that does not record it needs it), ``tokenizer`` ("": the
+    bundled one), ``dtype`` (parameters), ``compute_dtype`` ("": the same), ``remat``."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(init=init, preset=None, tokenizer="", dtype="float32", compute_dtype="",
-                                          remat=False))
+    return ml_collections.ConfigDict(dict(init=init, preset=None, act="", tokenizer="", dtype="float32",
+                                          compute_dtype="", remat=False))
 
 
 def check_model_config(model_config) -> None:
@@ -55,6 +59,8 @@ def check_model_config(model_config) -> None:
         value = model_config[key]
         require(not value or value in ("float32", "bfloat16", "float16"),
                 f"config.model.{key}={value!r} is not one of float32, bfloat16, float16")
+    act = model_config.get("act") or ""
+    require(act in ("", "quick_gelu", "gelu"), f"config.model.act={act!r} is not one of '', quick_gelu, gelu")
 
 
 def _numerics(model_config):
@@ -72,7 +78,8 @@ def config_from_model_config(model_config) -> CLIPConfig:
     published sizes tell it); otherwise ``preset`` (a name or a dict of fields)."""
     dtype, compute, remat = _numerics(model_config)
     if model_config.get("init"):
-        return read_config(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
+        return read_config(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat,
+                           act=model_config.get("act") or None)
     preset = model_config.get("preset")
     if preset is None:
         raise ValueError("model config needs 'init' (pretrained weights) or 'preset' (random init)")
@@ -87,10 +94,11 @@ def abstract_from_config(model_config) -> CLIP:
 
 
 def from_config(model_config, *, seed: int = 0) -> CLIP:
-    """The model a job config asks for: ``init`` (hub name, HF directory or .pt) if set, else a random
+    """The model a job config asks for: ``init`` (a name, HF directory or .pt) if set, else a random
     ``preset`` (a preset name or a dict of CLIPConfig fields). ``dtype``/``compute_dtype``/``remat``
     are optional keys."""
     dtype, compute, remat = _numerics(model_config)
     if model_config.get("init"):
-        return load(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat)
+        return load(model_config.get("init"), dtype=dtype, compute_dtype=compute, remat=remat,
+                    act=model_config.get("act") or None)
     return create(config_from_model_config(model_config), seed=seed)

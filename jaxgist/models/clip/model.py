@@ -1,8 +1,9 @@
-"""CLIP in Flax NNX: a ViT image tower and a causal text transformer.
+"""CLIP in Flax NNX: a ViT or ModifiedResNet (``clip/resnet.py``) image tower and a causal text transformer.
 
 Parameter names follow Hugging Face's ``CLIPModel`` (``vision_model.encoder.layers.N.self_attn.q_proj``
-...), so weight conversion (``clip.weights``) is a table of renames and transposes. The transformer layers
-are the shared ones of ``jaxgist.models.layers``.
+...), so weight conversion (``clip.weights``) is a table of renames and transposes; a ResNet tower
+keeps OpenAI's names under ``vision_model.`` and has no ``visual_projection`` (its attention pool
+projects). The transformer layers are the shared ones of ``jaxgist.models.layers``.
 
 Numerics: parameters are stored in ``param_dtype`` (float32 by default) and matmuls run in
 ``dtype`` (the compute dtype, e.g. bfloat16); LayerNorm and softmax always run in float32.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgist.core import arrays
+from jaxgist.models.clip.resnet import ModifiedResNet, ResNetConfig
 from jaxgist.models.layers import ACTIVATIONS, Dense, Encoder, LayerNorm
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -61,7 +63,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    vision: VisionConfig = VisionConfig()
+    vision: VisionConfig | ResNetConfig = VisionConfig()
     text: TextConfig = TextConfig()
     embed_dim: int = 512
     logit_scale_init: float = math.log(1 / 0.07)
@@ -70,19 +72,23 @@ class CLIPConfig:
     remat: bool = False  # rematerialize transformer blocks in the backward pass
 
     def __post_init__(self):
-        problems = []
-        for name, tower in (("vision", self.vision), ("text", self.text)):
+        problems = self.vision.problems() if self.is_resnet else []
+        for name, tower in (("text", self.text),) if self.is_resnet else (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 problems.append(f"{name}.width={tower.width} is not divisible by {name}.heads={tower.heads}")
             if tower.act not in ACTIVATIONS:
                 problems.append(f"{name}.act={tower.act!r} is not one of {ACTIVATIONS}")
-        if self.vision.image_size % self.vision.patch_size:
+        if not self.is_resnet and self.vision.image_size % self.vision.patch_size:
             problems.append(
                 f"vision.image_size={self.vision.image_size} is not a multiple of "
                 f"vision.patch_size={self.vision.patch_size}"
             )
         if problems:
             raise ValueError("invalid CLIPConfig: " + "; ".join(problems))
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.vision, ResNetConfig)
 
     def replace(self, **kwargs) -> "CLIPConfig":
         return dataclasses.replace(self, **kwargs)
@@ -97,12 +103,22 @@ def _preset(image_size, patch, v_width, v_layers, v_heads, t_width, t_heads, emb
     )
 
 
+def _resnet_preset(image_size, layers, width, t_width, t_heads, embed_dim):
+    return CLIPConfig(vision=ResNetConfig(image_size=image_size, layers=layers, width=width),
+                      text=TextConfig(width=t_width, layers=12, heads=t_heads, mlp_dim=4 * t_width), embed_dim=embed_dim)
+
+
 # The published OpenAI CLIP sizes.
 PRESETS: dict[str, CLIPConfig] = {
     "ViT-B/32": _preset(224, 32, 768, 12, 12, 512, 8, 512),
     "ViT-B/16": _preset(224, 16, 768, 12, 12, 512, 8, 512),
     "ViT-L/14": _preset(224, 14, 1024, 24, 16, 768, 12, 768),
     "ViT-L/14@336px": _preset(336, 14, 1024, 24, 16, 768, 12, 768),
+    "RN50": _resnet_preset(224, (3, 4, 6, 3), 64, 512, 8, 1024),
+    "RN101": _resnet_preset(224, (3, 4, 23, 3), 64, 512, 8, 512),
+    "RN50x4": _resnet_preset(288, (4, 6, 10, 6), 80, 640, 10, 640),
+    "RN50x16": _resnet_preset(384, (6, 8, 18, 8), 96, 768, 12, 768),
+    "RN50x64": _resnet_preset(448, (3, 15, 36, 10), 128, 1024, 16, 1024),
 }
 
 
@@ -200,15 +216,23 @@ class CLIP(nnx.Module):
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.vision_model = VisionTransformer(cfg.vision, cfg, rngs=rngs)
-        self.text_model = TextTransformer(cfg.text, cfg, rngs=rngs)
         numerics = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.visual_projection = Dense(cfg.vision.width, cfg.embed_dim, std=cfg.vision.width**-0.5, **numerics)
+        if cfg.is_resnet:
+            self.vision_model = ModifiedResNet(cfg.vision, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                               remat=cfg.remat, rngs=rngs)
+        else:
+            self.vision_model = VisionTransformer(cfg.vision, cfg, rngs=rngs)
+        self.text_model = TextTransformer(cfg.text, cfg, rngs=rngs)
+        # (created in this order so that a seed gives the same ViT weights as before ResNet towers existed)
+        self.visual_projection = None if cfg.is_resnet else Dense(  # a ResNet's attention pool projects itself
+            cfg.vision.width, cfg.embed_dim, std=cfg.vision.width**-0.5, **numerics)
         self.text_projection = Dense(cfg.text.width, cfg.embed_dim, std=cfg.text.width**-0.5, **numerics)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, cfg.param_dtype))
 
     def encode_image(self, pixels):
         """[B, H, W, 3] normalized pixels -> projected, unnormalized embeddings [B, E] (float32)."""
+        if self.visual_projection is None:
+            return self.vision_model(pixels).astype(jnp.float32)
         _, pooled = self.vision_model(pixels, pooled_only=True)
         return self.visual_projection(pooled).astype(jnp.float32)
 
@@ -244,7 +268,9 @@ def resolve_config(preset_or_config, **overrides) -> CLIPConfig:
         cfg = PRESETS[preset_or_config]
     elif isinstance(preset_or_config, dict):
         d = dict(preset_or_config)
-        vision = VisionConfig(**d.pop("vision", {}))
+        v = dict(d.pop("vision", {}))
+        # a ResNet tower is named by its four stage depths ("layers": [3, 4, 6, 3])
+        vision = ResNetConfig(**v) if isinstance(v.get("layers"), (list, tuple)) else VisionConfig(**v)
         text = TextConfig(**d.pop("text", {}))
         cfg = CLIPConfig(vision=vision, text=text, **d)
     else:
@@ -280,8 +306,12 @@ _LOGICAL_AXES = {
     ("position_embedding", "embedding"): ("pos", "embed"),
     ("token_embedding", "embedding"): ("vocab", "embed"),
     ("logit_scale",): (),
+    # ResNet towers
+    ("attnpool", "positional_embedding"): ("pos", "embed"),
+    ("c_proj", "kernel"): ("heads", "proj"), ("c_proj", "bias"): ("proj",),
 }
 _NORMS = ("layer_norm1", "layer_norm2", "pre_layrnorm", "post_layernorm", "final_layer_norm")
+_CONVS = ("conv1", "conv2", "conv3")
 
 
 def logical_axes(path) -> tuple[str | None, ...]:
@@ -293,5 +323,13 @@ def logical_axes(path) -> tuple[str | None, ...]:
         if names[-n:] in _LOGICAL_AXES:
             return _LOGICAL_AXES[names[-n:]]
     if len(names) >= 2 and names[-2] in _NORMS and names[-1] in ("scale", "bias"):
+        return ("norm",)
+    # ResNet towers: convolution kernels (kh, kw, in, out) split by output channels; BatchNorm
+    # parameters and running statistics (bn1..3, downsample.1) are per channel, like LayerNorm's
+    in_downsample = len(names) >= 3 and names[-3] == "downsample"
+    if names[-1] == "kernel" and (names[-2] in _CONVS or (in_downsample and names[-2] == "0")):
+        return (None, None, None, "embed")
+    if names[-1] in ("scale", "bias", "mean", "var") and (names[-2].startswith("bn") or
+                                                          (in_downsample and names[-2] == "1")):
         return ("norm",)
     raise KeyError(f"no logical axes for CLIP parameter {'.'.join(names)!r}")

@@ -9,6 +9,7 @@ OpenAI's state dicts are first renamed to HF's layout (fused ``in_proj`` split i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,9 +21,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from jaxgist.models.clip import pretrained
 from jaxgist.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract
+from jaxgist.models.clip.resnet import ResNetConfig
+from jaxgist.models.layers import ACTIVATIONS
 
 # OpenAI model names, as `clip.load` spells them, to their HF hub copies.
 OPENAI_HUB_NAMES = {
@@ -33,7 +38,7 @@ OPENAI_HUB_NAMES = {
 }
 
 # Checkpoint keys that are buffers, not parameters.
-IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.position_ids$")
+IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.position_ids$|\.num_batches_tracked$")
 IGNORED_OPENAI_KEYS = {"input_resolution", "context_length", "vocab_size"}
 
 
@@ -41,31 +46,36 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes do not match the model; the message lists every problem."""
 
 
+class UnknownActivation(CheckpointMismatchError):
+    """An OpenAI-layout state dict does not say which activation it was trained with."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Our parameter path <-> HF key, with the array transform in each direction.
 # ---------------------------------------------------------------------------------------------
 
-_CONV = re.compile(r"patch_embedding\.kernel$")
+_LEAVES = {".kernel": ".weight", ".scale": ".weight", ".embedding": ".weight",
+           ".mean": ".running_mean", ".var": ".running_var"}  # the last two: BatchNorm statistics
 
 
 def hf_key(path: str) -> str:
-    """Our dotted parameter path -> HF state-dict key."""
-    for leaf in (".kernel", ".scale", ".embedding"):
+    """Our dotted parameter path -> HF state-dict key (PyTorch's names for BatchNorm statistics)."""
+    for leaf, torch_leaf in _LEAVES.items():
         if path.endswith(leaf):
-            return path[: -len(leaf)] + ".weight"
+            return path[: -len(leaf)] + torch_leaf
     return path
 
 
 def hf_to_ours(path: str, value: np.ndarray) -> np.ndarray:
-    if _CONV.search(path):
-        return value.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+    if path.endswith(".kernel") and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # convolution (O, I, kh, kw) -> (kh, kw, I, O)
     if path.endswith(".kernel"):
         return value.T  # Linear (out, in) -> (in, out)
     return value
 
 
 def ours_to_hf(path: str, value: np.ndarray) -> np.ndarray:
-    if _CONV.search(path):
+    if path.endswith(".kernel") and value.ndim == 4:
         return value.transpose(3, 2, 0, 1)
     if path.endswith(".kernel"):
         return value.T
@@ -73,7 +83,8 @@ def ours_to_hf(path: str, value: np.ndarray) -> np.ndarray:
 
 
 def _flat_params(model: CLIP) -> dict[str, Any]:
-    state = nnx.state(model, nnx.Param)
+    """Parameters and BatchNorm statistics by dotted path."""
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
@@ -87,7 +98,8 @@ def _as_numpy(value) -> np.ndarray:
 
 
 def from_hf_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> CLIP:
-    """Builds a CLIP of config ``cfg`` from an HF-named state dict (numpy or torch arrays).
+    """Builds a CLIP of config ``cfg`` from an HF-named state dict (numpy or torch arrays; a ResNet
+    tower's keys are OpenAI's under ``vision_model.``).
 
     Missing, unexpected and mis-shaped keys are reported together in one CheckpointMismatchError.
     Arrays are cast to ``cfg.param_dtype``.
@@ -112,7 +124,8 @@ def from_hf_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any], *, source
             mismatched.append(f"{key}: checkpoint {tuple(raw.shape)}, model expects {tuple(expected)}")
             leaves.append((path, var))
             continue
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=cfg.param_dtype))))
+        dtype = jnp.float32 if isinstance(var, nnx.BatchStat) else cfg.param_dtype
+        leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
     unexpected = sorted(k for k in state_dict if k not in used and not IGNORED_HF_KEYS.match(k))
     if missing or unexpected or mismatched:
         lines = [f"{source} does not match the CLIP model:"]
@@ -163,6 +176,9 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> CLIPConfig:
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
+    if cfg.is_resnet:
+        raise ValueError("HF's CLIPModel has no ResNet image tower: a ResNet CLIP is saved by its train-state "
+                         "checkpoints, not as an HF directory")
     v, t = cfg.vision, cfg.text
     return {
         "architectures": ["CLIPModel"],
@@ -221,17 +237,23 @@ def is_openai_state_dict(sd: Mapping[str, Any]) -> bool:
     return "visual.conv1.weight" in sd or any(k.startswith("visual.layer1.") for k in sd)
 
 
+def is_resnet_state_dict(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd)
+
+
 def openai_to_hf(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Renames an OpenAI CLIP state dict to HF keys. Keys it does not know are kept (and then
-    reported as unexpected by ``from_hf_state_dict``)."""
-    if any(k.startswith("visual.layer1.") for k in sd):
-        raise NotImplementedError("ResNet CLIP checkpoints (RN50, ...) are not supported yet; only ViT ones are")
+    """Renames an OpenAI CLIP state dict to HF keys (a ResNet tower's keys keep OpenAI's names under
+    ``vision_model.``). Keys it does not know are kept (and then reported as unexpected by
+    ``from_hf_state_dict``)."""
+    resnet = is_resnet_state_dict(sd)
     out = {}
     for key, value in sd.items():
-        if key in IGNORED_OPENAI_KEYS:
+        if key in IGNORED_OPENAI_KEYS or key.endswith(".num_batches_tracked"):
             continue
         value = _as_numpy(value)
-        if key in _OPENAI_TOP:
+        if resnet and key.startswith("visual."):
+            out["vision_model." + key[len("visual."):]] = value
+        elif key in _OPENAI_TOP:
             out[_OPENAI_TOP[key]] = value
         elif key == "visual.proj":
             out["visual_projection.weight"] = value.T
@@ -252,28 +274,40 @@ def openai_to_hf(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def config_from_openai(sd: Mapping[str, Any], **overrides) -> CLIPConfig:
-    """Infers sizes from the shapes, as OpenAI's ``build_model`` does."""
-    need = ["visual.conv1.weight", "visual.positional_embedding", "text_projection", "positional_embedding",
-            "token_embedding.weight", "ln_final.weight"]
+def config_from_openai(sd: Mapping[str, Any], *, act: str = "quick_gelu", vision_heads: int | None = None,
+                       text_heads: int | None = None, **overrides) -> CLIPConfig:
+    """Infers sizes from the shapes, as OpenAI's ``build_model`` does (heads = width / 64 unless
+    given: open_clip's ViT-H/g/bigG use wider heads). ``act`` is both towers' activation: OpenAI's
+    checkpoints use quick_gelu, open_clip's LAION/DataComp ones gelu; the shapes cannot tell."""
+    resnet = is_resnet_state_dict(sd)
+    need = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
+            *(["visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding"] if resnet else
+              ["visual.conv1.weight", "visual.positional_embedding"])]
     absent = [k for k in need if k not in sd]
     if absent:
-        raise CheckpointMismatchError(f"not an OpenAI ViT CLIP state dict: missing {absent}")
+        raise CheckpointMismatchError(f"not an OpenAI {'ResNet' if resnet else 'ViT'} CLIP state dict: missing {absent}")
     shape = lambda k: tuple(_as_numpy(sd[k]).shape)  # noqa: E731
 
     def layers(prefix):
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
-    v_width, _, patch, _ = shape("visual.conv1.weight")
-    grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+    if resnet:
+        grid = round((shape("visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
+        width = shape("visual.layer1.0.conv1.weight")[0]
+        vision = ResNetConfig(image_size=32 * grid, layers=tuple(layers(f"visual.layer{i}.") for i in range(1, 5)),
+                              width=width, heads=vision_heads)
+    else:
+        v_width, _, patch, _ = shape("visual.conv1.weight")
+        grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+        vision = VisionConfig(image_size=patch * grid, patch_size=patch, width=v_width,
+                              layers=layers("visual.transformer.resblocks."), heads=vision_heads or v_width // 64,
+                              mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0], act=act)
     t_width = shape("ln_final.weight")[0]
     cfg = CLIPConfig(
-        vision=VisionConfig(image_size=patch * grid, patch_size=patch, width=v_width,
-                            layers=layers("visual.transformer.resblocks."), heads=v_width // 64,
-                            mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]),
+        vision=vision,
         text=TextConfig(vocab_size=shape("token_embedding.weight")[0], context_length=shape("positional_embedding")[0],
-                        width=t_width, layers=layers("transformer.resblocks."), heads=t_width // 64,
-                        mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0]),
+                        width=t_width, layers=layers("transformer.resblocks."), heads=text_heads or t_width // 64,
+                        mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0], act=act),
         embed_dim=shape("text_projection")[1],
     )
     return cfg.replace(**overrides) if overrides else cfg
@@ -284,16 +318,21 @@ def config_from_openai(sd: Mapping[str, Any], **overrides) -> CLIPConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def is_torchscript(path: pathlib.Path) -> bool:
+    """A TorchScript archive (how OpenAI released its CLIP checkpoints) rather than a pickled state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in archive.namelist())
+
+
 def _torch_load(path: pathlib.Path):
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"reading {path} needs PyTorch (pip install torch); or convert it to safetensors") from e
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in archive.namelist())
-        if scripted:  # OpenAI's released checkpoints are TorchScript archives.
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    if is_torchscript(path):  # OpenAI's released checkpoints are TorchScript archives.
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -349,24 +388,72 @@ def _download_hub(name: str) -> pathlib.Path:
                               "model-*.safetensors"]))
 
 
-def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, remat: bool = False) -> CLIP:
+def _with_act(cfg: CLIPConfig, act: str | None) -> CLIPConfig:
+    """``cfg`` with both towers' activation forced to ``act`` (a ResNet image tower has none)."""
+    if not act:
+        return cfg
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not one of {ACTIVATIONS}")
+    vision = cfg.vision if cfg.is_resnet else dataclasses.replace(cfg.vision, act=act)
+    return cfg.replace(vision=vision, text=dataclasses.replace(cfg.text, act=act))
+
+
+def _warn_normalization(entry) -> None:
+    if (entry.mean, entry.std) != (pretrained.OPENAI_MEAN, pretrained.OPENAI_STD):
+        logging.warning("%s was trained on images normalized with mean %s and std %s; jaxgist's input pipeline "
+                        "normalizes with OpenAI's", entry.name, entry.mean, entry.std)
+
+
+def _load_entry(entry, *, dtype, compute_dtype, remat, act) -> CLIP:
+    """Loads a named pretrained CLIP (``pretrained.PRETRAINED``)."""
+    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
+    _warn_normalization(entry)
+    if entry.url:
+        file = pretrained.download(entry.url, entry.sha256)
+        sd = read_state_dict(file)
+        cfg = config_from_openai(sd, act=act or entry.act, vision_heads=entry.vision_heads, **overrides)
+        return from_hf_state_dict(cfg, openai_to_hf(sd), source=f"{entry.name} ({file})")
+    if not entry.hf_hub:  # one of OpenAI's ViTs under its open_clip name
+        return load(entry.preset, dtype=dtype, compute_dtype=compute_dtype, remat=remat, act=act)
+    path, hf_format = pretrained.fetch_hub(entry.hf_hub)
+    if hf_format:
+        cfg = config_from_hf(_read_hf_config(path / "config.json"), **overrides)
+        if cfg.text.act != (act or entry.act):
+            logging.warning("%s: config.json says %s, open_clip's model %s; using %s", entry.name, cfg.text.act,
+                            entry.act, act or entry.act)
+        return from_hf_state_dict(_with_act(cfg, act or entry.act), _read_hf_dir(path), source=str(path))
+    sd = read_state_dict(path)
+    cfg = config_from_openai(sd, act=act or pretrained.open_clip_act(path.parent / "open_clip_config.json")
+                             or entry.act, vision_heads=entry.vision_heads, **overrides)
+    return from_hf_state_dict(cfg, openai_to_hf(sd), source=f"{entry.name} ({path})")
+
+
+def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, remat: bool = False,
+         act: str | None = None) -> CLIP:
     """Loads a pretrained CLIP.
 
     ``name_or_path``: a local HF directory (config.json + model.safetensors / pytorch_model.bin),
-    an OpenAI or GIST state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors`` with OpenAI keys),
-    an OpenAI model name ("ViT-B/32", ...) or an HF hub name ("openai/clip-vit-base-patch32").
-    ``dtype``: the parameter dtype (checkpoint tensors, fp16 included, are cast to it);
-    ``compute_dtype``: the matmul dtype (defaults to ``dtype``).
+    an OpenAI or GIST state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors`` with OpenAI keys,
+    ViT or ResNet), an OpenAI model name ("ViT-B/32", "RN50", ...), an open_clip name
+    ("ViT-B-32/laion2b_s34b_b79k", ``pretrained.PRETRAINED``) or an HF hub name
+    ("openai/clip-vit-base-patch32"). ``dtype``: the parameter dtype (checkpoint tensors, fp16
+    included, are cast to it); ``compute_dtype``: the matmul dtype (defaults to ``dtype``).
+    ``act``: forces the activation; an OpenAI-layout state dict that does not record it (not a
+    TorchScript archive, no ``open_clip_config.json`` beside it) needs it.
     """
     overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     path = pathlib.Path(name_or_path)
     if path.is_dir():
         hf = _read_hf_config(path / "config.json")
-        return from_hf_state_dict(config_from_hf(hf, **overrides), _read_hf_dir(path), source=str(path))
+        cfg = _with_act(config_from_hf(hf, **overrides), act)
+        return from_hf_state_dict(cfg, _read_hf_dir(path), source=str(path))
     if path.is_file():
         sd = read_state_dict(path)
-        cfg, openai = _state_dict_file_config(path, sd, overrides)
+        cfg, openai = _state_dict_file_config(path, sd, overrides, act)
         return from_hf_state_dict(cfg, openai_to_hf(sd) if openai else sd, source=str(path))
+    entry = pretrained.lookup(str(name_or_path))
+    if entry is not None:
+        return _load_entry(entry, dtype=dtype, compute_dtype=compute_dtype, remat=remat, act=act)
     name = OPENAI_HUB_NAMES.get(str(name_or_path), str(name_or_path))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not str(name_or_path).startswith((".", "/")):
         try:
@@ -375,28 +462,40 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=No
             raise FileNotFoundError(
                 f"{name_or_path}: not a local file or directory, and downloading {name!r} from the HF hub failed: {e}"
             ) from e
-        return load(directory, dtype=dtype, compute_dtype=compute_dtype, remat=remat)
-    raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a hub name")
+        return load(directory, dtype=dtype, compute_dtype=compute_dtype, remat=remat, act=act)
+    raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a known model name or hub name")
 
 
 def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
-                remat: bool = False) -> CLIPConfig:
+                remat: bool = False, act: str | None = None) -> CLIPConfig:
     """The architecture ``load(name_or_path)`` would build, without reading the weights where the
-    config alone tells it: a local HF directory's config.json, an OpenAI model name or its HF hub
-    copy (the published sizes in ``PRESETS``), another hub name's config.json (downloaded alone).
-    A state-dict file is read (an OpenAI/GIST one has no config: the tensors' shapes tell it)."""
+    config alone tells it: a local HF directory's config.json, an OpenAI or open_clip model name of
+    published sizes (``PRESETS``) or the HF hub copy of one, another hub name's config.json
+    (downloaded alone). A state-dict file is read (an OpenAI/GIST one has no config: the tensors'
+    shapes tell it)."""
     from jaxgist.models.clip.model import PRESETS
 
     overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     path = pathlib.Path(name_or_path)
     if path.is_dir():
-        return config_from_hf(_read_hf_config(path / "config.json"), **overrides)
+        return _with_act(config_from_hf(_read_hf_config(path / "config.json"), **overrides), act)
     if path.is_file():
-        return _state_dict_file_config(path, read_state_dict(path), overrides)[0]
+        return _state_dict_file_config(path, read_state_dict(path), overrides, act)[0]
+    entry = pretrained.lookup(str(name_or_path))
+    if entry is not None and entry.preset:
+        return _with_act(PRESETS[entry.preset].replace(**overrides), act or entry.act)
+    if entry is not None:  # an open_clip model of other sizes: its hub copy's config.json, or its weights
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_file = pathlib.Path(hf_hub_download(entry.hf_hub, "config.json"))
+            return _with_act(config_from_hf(_read_hf_config(config_file), **overrides), act or entry.act)
+        except Exception:  # noqa: BLE001 - no HF copy: the weights tell
+            return load(str(name_or_path), dtype=dtype, compute_dtype=compute_dtype, remat=remat, act=act).config
     by_hub = {hub: name for name, hub in OPENAI_HUB_NAMES.items()}
     preset = str(name_or_path) if str(name_or_path) in PRESETS else by_hub.get(str(name_or_path))
     if preset is not None:
-        return PRESETS[preset].replace(**overrides)
+        return _with_act(PRESETS[preset].replace(**overrides), act)
     name = str(name_or_path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
         from huggingface_hub import hf_hub_download
@@ -406,17 +505,27 @@ def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_d
         except Exception as e:
             raise FileNotFoundError(f"{name}: not a local file or directory, and downloading its config.json from "
                                     f"the HF hub failed: {e}") from e
-        return config_from_hf(_read_hf_config(config_file), **overrides)
-    raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a hub name")
+        return _with_act(config_from_hf(_read_hf_config(config_file), **overrides), act)
+    raise FileNotFoundError(f"{name_or_path}: no such file or directory, and not a known model name or hub name")
 
 
-def _state_dict_file_config(path: pathlib.Path, sd: Mapping[str, Any], overrides) -> tuple[CLIPConfig, bool]:
+def _state_dict_file_config(path: pathlib.Path, sd: Mapping[str, Any], overrides,
+                            act: str | None = None) -> tuple[CLIPConfig, bool]:
     """(architecture, OpenAI layout?) of the state dict ``sd`` read from the file ``path``: an OpenAI
-    one's from its shapes, an HF one's from the config.json beside it."""
+    one's from its shapes, an HF one's from the config.json beside it. The activation of an OpenAI
+    layout: ``act``, else an ``open_clip_config.json`` beside the file, else QuickGELU for a
+    TorchScript archive (OpenAI's releases); otherwise it cannot be known and UnknownActivation asks."""
     if is_openai_state_dict(sd):
-        return config_from_openai(sd, **overrides), True
+        act = act or pretrained.open_clip_act(path.parent / "open_clip_config.json") or (
+            "quick_gelu" if is_torchscript(path) else None)
+        if act is None:
+            raise UnknownActivation(
+                f"{path}: an OpenAI-layout CLIP state dict does not record its activation (OpenAI's CLIP and "
+                f"open_clip's *-quickgelu models use quick_gelu; open_clip's LAION and DataComp models gelu); "
+                f"set --config.model.act=quick_gelu or gelu (clip.load(..., act=...))")
+        return config_from_openai(sd, act=act, **overrides), True
     if (path.parent / "config.json").exists():
-        return config_from_hf(_read_hf_config(path.parent / "config.json"), **overrides), False
+        return _with_act(config_from_hf(_read_hf_config(path.parent / "config.json"), **overrides), act), False
     raise CheckpointMismatchError(
         f"{path}: neither an OpenAI CLIP state dict (no visual.conv1.weight) nor an HF one with a config.json beside it"
     )

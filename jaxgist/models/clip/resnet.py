@@ -1,0 +1,178 @@
+"""OpenAI's ModifiedResNet image tower (CLIP RN50, RN101, RN50x4/x16/x64) in Flax NNX, channels-last.
+
+    tower = ModifiedResNet(ResNetConfig(layers=(3, 4, 6, 3), width=64), embed_dim=1024, rngs=rngs)
+    features = tower(pixels)               # [B, H, W, 3] normalized -> [B, embed_dim] (attention pool output)
+
+Differences from torchvision's ResNet, as in OpenAI's ``clip/model.py``: a stem of three 3x3
+convolutions (the first with stride 2) and a 2x2 average pool; bottlenecks that stride by an
+average pool after ``conv2`` (and before the 1x1 conv of the ``downsample`` branch); and an
+attention pool (the mean token prepended, a positional embedding, one query) instead of global
+average pooling. Parameter names are OpenAI's (``conv1``, ``bn1``, ``layer1.0.downsample.0``,
+``attnpool.q_proj``) with Flax leaf names; convolutions pad explicitly by 1 as PyTorch does
+(``SAME`` padding differs from PyTorch's for stride 2). BatchNorm is PyTorch's
+(``models.layers.BatchNorm``): running statistics in eval mode (the default), batch statistics
+and updated running ones after ``model.train()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgist.models.layers import BatchNorm, Dense
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """The image tower of an RN CLIP. ``heads`` defaults to OpenAI's ``width * 32 // 64``."""
+
+    image_size: int = 224
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+    heads: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        if self.heads is None:
+            object.__setattr__(self, "heads", self.width * 32 // 64)
+
+    @property
+    def embed_width(self) -> int:
+        """The width of the last stage, the attention pool's input (``width * 32``)."""
+        return self.width * 32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 32
+
+    def problems(self) -> list[str]:
+        out = []
+        if len(self.layers) != 4 or min(self.layers) < 1:
+            out.append(f"vision.layers={self.layers} must be 4 positive block counts")
+        if self.image_size % 32:
+            out.append(f"vision.image_size={self.image_size} is not a multiple of 32 (the ResNet's total stride)")
+        if self.embed_width % self.heads:
+            out.append(f"vision.width*32={self.embed_width} is not divisible by vision.heads={self.heads}")
+        return out
+
+
+def _conv(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """A bias-free convolution with PyTorch's explicit padding of ``kernel // 2``."""
+    pad = kernel // 2
+    return nnx.Conv(cin, cout, kernel_size=(kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
+                    dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs)
+
+
+def _avg_pool(x, stride: int):
+    """PyTorch's ``AvgPool2d(stride)``: non-overlapping windows, a remainder row/column dropped."""
+    if stride == 1:
+        return x
+    return nnx.avg_pool(x, window_shape=(stride, stride), strides=(stride, stride), padding="VALID")
+
+
+class Bottleneck(nnx.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = _conv(inplanes, planes, 1, **conv)
+        self.bn1 = BatchNorm(planes, use_running_average=True, param_dtype=param_dtype)
+        self.conv2 = _conv(planes, planes, 3, **conv)
+        self.bn2 = BatchNorm(planes, use_running_average=True, param_dtype=param_dtype)
+        self.conv3 = _conv(planes, planes * self.expansion, 1, **conv)
+        # OpenAI zero-initializes the last BatchNorm of each block: a fresh block starts as the identity
+        self.bn3 = BatchNorm(planes * self.expansion, use_running_average=True, scale_init=0.0,
+                             param_dtype=param_dtype)
+        self.stride = stride
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nnx.List([
+                _conv(inplanes, planes * self.expansion, 1, **conv),
+                BatchNorm(planes * self.expansion, use_running_average=True, param_dtype=param_dtype),
+            ])
+        else:
+            self.downsample = None
+
+    def __call__(self, x):
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(_avg_pool(out, self.stride)))
+        identity = x
+        if self.downsample is not None:
+            conv, bn = self.downsample
+            identity = bn(conv(_avg_pool(x, self.stride)))
+        return jax.nn.relu(out + identity.astype(out.dtype))
+
+
+class AttentionPool(nnx.Module):
+    """The mean of the feature map prepended as a token, a learned positional embedding, and one
+    multi-head attention query from that token; ``c_proj`` maps to the joint embedding."""
+
+    def __init__(self, grid: int, width: int, heads: int, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.positional_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (grid * grid + 1, width), param_dtype) * width**-0.5)
+        dense = dict(std=width**-0.5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = (Dense(width, width, **dense) for _ in range(3))
+        self.c_proj = Dense(width, out_dim, **dense)
+        self.heads = heads
+
+    def __call__(self, x):
+        b, gh, gw, d = x.shape
+        pos = self.positional_embedding[...]
+        if pos.shape[0] != gh * gw + 1:
+            raise ValueError(f"a {gh}x{gw} feature map (image of {gh * 32}px) does not fit the attention pool's "
+                             f"{pos.shape[0] - 1} positions")
+        x = x.reshape(b, gh * gw, d)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos.astype(x.dtype)[None]
+        h, hd = self.heads, d // self.heads
+        q = self.q_proj(x[:, :1]).reshape(b, 1, h, hd) * (hd**-0.5)
+        k = self.k_proj(x).reshape(b, -1, h, hd)
+        v = self.v_proj(x).reshape(b, -1, h, hd)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, d)
+        return self.c_proj(out)
+
+
+class ModifiedResNet(nnx.Module):
+    def __init__(self, c: ResNetConfig, embed_dim: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        bn = dict(use_running_average=True, param_dtype=param_dtype)
+        half = c.width // 2
+        self.conv1 = nnx.Conv(3, half, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                              kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"), **conv)
+        self.bn1 = BatchNorm(half, **bn)
+        self.conv2 = _conv(half, half, 3, **conv)
+        self.bn2 = BatchNorm(half, **bn)
+        self.conv3 = _conv(half, c.width, 3, **conv)
+        self.bn3 = BatchNorm(c.width, **bn)
+        inplanes = c.width
+        for i, blocks in enumerate(c.layers):
+            planes, stride = c.width * 2**i, 1 if i == 0 else 2
+            stage = []
+            for j in range(blocks):
+                stage.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, **conv))
+                inplanes = planes * Bottleneck.expansion
+            setattr(self, f"layer{i + 1}", nnx.List(stage))
+        self.attnpool = AttentionPool(c.grid, c.embed_width, c.heads, embed_dim, **conv)
+        self.dtype, self.remat = dtype, remat
+
+    def stages(self):
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def __call__(self, pixels):
+        """[B, H, W, 3] normalized pixels -> [B, embed_dim] (the attention pool's projection)."""
+        x = pixels.astype(self.dtype)
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = jax.nn.relu(self.bn2(self.conv2(x)))
+        x = jax.nn.relu(self.bn3(self.conv3(x)))
+        x = _avg_pool(x, 2)
+        for stage in self.stages():
+            for block in stage:
+                x = nnx.remat(lambda blk, y: blk(y))(block, x) if self.remat else block(x)
+        return self.attnpool(x)
