@@ -189,6 +189,7 @@ def test_batchnorm_trains_with_batch_statistics_and_pytorch_running_ones():
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), use_running_average=True)), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetuning_a_resnet_clip_updates_its_batch_statistics():
     """The contrastive step runs BatchNorm in training mode and carries the new running statistics in
     the train state (sharded over data x fsdp like the rest)."""

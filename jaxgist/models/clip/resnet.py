@@ -60,12 +60,43 @@ class ResNetConfig:
         return out
 
 
-def _conv(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
-    """A bias-free convolution with PyTorch's explicit padding of ``kernel // 2``."""
-    pad = kernel // 2
-    return nnx.Conv(cin, cout, kernel_size=(kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
-                    dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs)
+_KERNEL_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv2d(nnx.Module):
+    """A bias-free convolution (stride 1 unless given) with PyTorch's explicit padding of ``kernel // 2``;
+    ``kernel`` (kh, kw, in, out) as ``nnx.Conv`` stores it. A 1x1 kernel runs as one [N*H*W, in] x
+    [in, out] matmul: XLA's CPU convolution is 2-5x slower than its matmul there (and a TPU runs both
+    as the same matmul). ``__call__(x, kernel)`` takes another kernel of the same shape (BatchNorm folded in)."""
+
+    def __init__(self, cin: int, cout: int, size: int, *, stride: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (size, size, cin, cout), param_dtype))
+        self.stride, self.dtype = stride, dtype
+
+    def __call__(self, x, kernel=None):
+        kernel = (self.kernel[...] if kernel is None else kernel).astype(self.dtype)
+        x = x.astype(self.dtype)
+        kh, kw, cin, cout = kernel.shape
+        if kh == kw == 1 and self.stride == 1:
+            return (x.reshape(-1, cin) @ kernel.reshape(cin, cout)).reshape(*x.shape[:-1], cout)
+        pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+        return jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), pad,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_bn(conv: Conv2d, bn: BatchNorm, x):
+    """``bn(conv(x))``. With running statistics (eval mode) BatchNorm is folded into the kernel and a
+    per-channel shift: the same function, one pass over the activations fewer."""
+    if not bn.use_running_average:
+        return bn(conv(x))
+    scale = bn.scale[...].astype(jnp.float32) * jax.lax.rsqrt(bn.var[...] + bn.eps)
+    shift = bn.bias[...].astype(jnp.float32) - bn.mean[...] * scale
+    y = conv(x, conv.kernel[...].astype(jnp.float32) * scale)
+    return y + shift.astype(y.dtype)
+
+
+def _conv(cin: int, cout: int, kernel: int, **kw) -> Conv2d:
+    return Conv2d(cin, cout, kernel, **kw)
 
 
 def _avg_pool(x, stride: int):
@@ -98,13 +129,13 @@ class Bottleneck(nnx.Module):
             self.downsample = None
 
     def __call__(self, x):
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(_avg_pool(out, self.stride)))
+        out = jax.nn.relu(conv_bn(self.conv1, self.bn1, x))
+        out = jax.nn.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, _avg_pool(out, self.stride))
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
-            identity = bn(conv(_avg_pool(x, self.stride)))
+            identity = conv_bn(conv, bn, _avg_pool(x, self.stride))
         return jax.nn.relu(out + identity.astype(out.dtype))
 
 
@@ -144,8 +175,7 @@ class ModifiedResNet(nnx.Module):
         conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         bn = dict(use_running_average=True, param_dtype=param_dtype)
         half = c.width // 2
-        self.conv1 = nnx.Conv(3, half, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                              kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"), **conv)
+        self.conv1 = Conv2d(3, half, 3, stride=2, **conv)
         self.bn1 = BatchNorm(half, **bn)
         self.conv2 = _conv(half, half, 3, **conv)
         self.bn2 = BatchNorm(half, **bn)
@@ -168,9 +198,9 @@ class ModifiedResNet(nnx.Module):
     def __call__(self, pixels):
         """[B, H, W, 3] normalized pixels -> [B, embed_dim] (the attention pool's projection)."""
         x = pixels.astype(self.dtype)
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
-        x = jax.nn.relu(self.bn3(self.conv3(x)))
+        x = jax.nn.relu(conv_bn(self.conv1, self.bn1, x))
+        x = jax.nn.relu(conv_bn(self.conv2, self.bn2, x))
+        x = jax.nn.relu(conv_bn(self.conv3, self.bn3, x))
         x = _avg_pool(x, 2)
         for stage in self.stages():
             for block in stage:
