@@ -64,19 +64,20 @@ def run_job(config, workdir: str) -> dict:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """What a bad config, bad data, a damaged or unwritable checkpoint, a busy workdir or a diverging
-    run raises: printed as one line (the message names the key, file, row or step) instead of a
+    """What a bad config, bad data, a damaged or unwritable checkpoint, an unreachable chat endpoint, a
+    busy workdir or a diverging run raises: printed as one line (the message names the key, file, row or step) instead of a
     traceback."""
     from jaxgist.core.config import ConfigError
     from jaxgist.core.results import ResultsError
     from jaxgist.data.images import ImageReadError
     from jaxgist.data.sources import DataError
+    from jaxgist.describe.client import EndpointError
     from jaxgist.heads.coder import KnowledgeError
     from jaxgist.models.clip import CheckpointMismatchError
     from jaxgist.training.checkpoint import CorruptCheckpoint, SaveFailed
 
     return (ConfigError, DataError, ImageReadError, CheckpointMismatchError, KnowledgeError, ResultsError,
-            CorruptCheckpoint, SaveFailed, files.WorkdirBusy, FileNotFoundError, FloatingPointError)
+            CorruptCheckpoint, SaveFailed, EndpointError, files.WorkdirBusy, FileNotFoundError, FloatingPointError)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -1,5 +1,5 @@
-"""The package's layers import only downwards: core < models < data < training < evaluation < heads
-< methods < the entry points (main, aot, the tokenizer alias). Every import statement of every module
+"""The package's layers import only downwards: core < describe < models < data < training < evaluation
+< heads < methods < the entry points (main, aot, the tokenizer alias). Every import statement of every module
 is read, at any depth (function-level imports included)."""
 
 import ast
@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxgist"
-LAYERS = ("core", "models", "data", "training", "evaluation", "heads", "methods")
+LAYERS = ("core", "describe", "models", "data", "training", "evaluation", "heads", "methods")
 TOP = len(LAYERS)  # modules directly in jaxgist/: the entry points
 
 

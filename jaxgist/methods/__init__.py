@@ -18,6 +18,7 @@ REGISTRY = {
     "finetune": "jaxgist.methods.finetune",
     "flip": "jaxgist.methods.flip",
     "gist": "jaxgist.methods.gist",
+    "describe": "jaxgist.methods.describe",
 }
 
 

@@ -7,6 +7,8 @@ probes and zero-shot, each stage reading what the previous one wrote in the work
 Stages (``config.gist.stages``, in this order; any subset, e.g. ``("embed", "evaluate")`` to re-evaluate):
 ``pretrain`` (offline demo only: a CLIP from scratch -> ``pretrain/hf``), ``match`` (top
 ``gist.match_k`` descriptions of each training image's class -> ``match/captions_top{k}.json``),
+``summarize`` (optional, off by default: each matched description shortened by the LLM endpoint of
+``config.describe`` -> ``summarize/captions_short.json``, which fine-tuning then reads),
 ``finetune`` (-> ``finetune/``, resumable), ``embed`` (pretrained and fine-tuned ->
 ``embeddings/{pretrained,finetuned}.npz``), ``evaluate`` (zero-shot, ``gist.probes``, ``gist.heads``,
 chosen on validation; test top-1/top-3 with bootstrap -> ``results.json``, ``results.md``).
@@ -31,12 +33,12 @@ from jaxgist.data import datasets
 from jaxgist.evaluation import accuracy, embeddings, zero_shot
 from jaxgist.heads import probes
 from jaxgist.heads import registry as heads_lib
-from jaxgist.methods import caption_matching, finetune
+from jaxgist.methods import caption_matching, describe, finetune
 from jaxgist.models import clip
 from jaxgist.models.clip import tokenizer
 from jaxgist.training import checkpoint, parallel
 
-STAGES = ("pretrain", "match", "finetune", "embed", "evaluate")
+STAGES = ("pretrain", "match", "summarize", "finetune", "embed", "evaluate")
 PROBES = ("sgd", "ridge", "lbfgs")
 
 
@@ -54,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
         synthetic=dict(first_class=20, num_classes=20, train_per_class=20, image_size=80, seed=1, num_captions=5),
         steps=300, global_batch=64, lr=1e-3, warmup_steps=30, weight_decay=0.1, num_captions=5,
     ))
+    c.describe = describe.default_config().describe  # the summarize stage's endpoint (off by default)
+    c.describe.task = "summarize"
     return c
 
 
@@ -78,6 +82,10 @@ def validate(config) -> None:
     req(len(g.splits) > 0, "config.gist.splits must name at least one split to embed")
     req(set(g.splits) >= {"train", "val", "test"} or "evaluate" not in g.stages,
         f"config.gist.splits={tuple(g.splits)} must include train, val and test for the evaluate stage")
+    if "summarize" in g.stages:
+        req(bool(config.describe.base_url) and bool(config.describe.model),
+            "config.gist.stages has 'summarize': set config.describe.base_url and config.describe.model (an "
+            "OpenAI-compatible endpoint; see configs/describe.py)")
     if "match" in g.stages:
         caption_matching.check_data(config.data)
     req(config.mode == "train", f"config.mode={config.mode!r}: GIST runs its stages (config.gist.stages); "
@@ -155,6 +163,24 @@ def match(config, workdir: pathlib.Path, init: str) -> tuple[dict, str]:
     figures = caption_matching.match_split(_model_config(config, g.match_model or init), config.data, workdir, out,
                                            k=g.match_k, batch_size=g.batch_size, seed=config.seed)
     return {k: v for k, v in figures.items() if k != "captions"}, str(out)
+
+
+def summarized_captions_path(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir / "summarize" / "captions_short.json"
+
+
+def summarize(config, workdir: pathlib.Path, captions: str) -> tuple[dict, str]:
+    """GIST's optional step after matching: each matched description summarized into a short caption by
+    the endpoint of ``config.describe`` (-> ``summarize/captions_short.json``, read by fine-tuning)."""
+    if not captions:
+        raise config_lib.ConfigError("the summarize stage needs matched captions: run 'match' first or set "
+                                     "config.data.captions")
+    c = describe.default_config()
+    c.data = copy.deepcopy(config.data)
+    c.describe.update(config.describe.to_dict())
+    c.describe.update(dict(task="summarize", captions=captions))
+    out = describe.run_task(c, workdir, output=summarized_captions_path(workdir))
+    return {k: v for k, v in out.items() if k != "output"}, out["output"]
 
 
 def finetune_config(config, init: str, captions: str, workdir: pathlib.Path | None = None) -> ml_collections.ConfigDict:
@@ -323,6 +349,11 @@ def run(config, workdir: str) -> dict:
     elif not captions:
         matched = matched_captions_path(config, workdir)
         captions = str(matched) if matched.is_file() else ""
+    if "summarize" in stages:
+        done["summarize"], captions = summarize(config, workdir, captions)
+    elif "match" not in stages and not config.data.captions and summarized_captions_path(workdir).is_file():
+        captions = str(summarized_captions_path(workdir))  # a summarize stage ran before: fine-tuning reads it
+        logging.info("gist: fine-tuning reads the summarized captions %s", captions)
     if "finetune" in stages:
         ft = finetune_stage(config, workdir, init, captions)
         done["finetune"] = {k: v for k, v in ft.items() if not k.startswith("val_")}
