@@ -23,6 +23,12 @@ Arguments (``configs/flip.py:<arg>``):
   (none)   FLIP's recipe above (set data.metadata, data.image_dir and data.captions).
   small    a tiny random CLIP on generated fine-grained birds (data.source="synthetic"), one caption
            per image, CPU, well under a minute.
+  heads    FLIP's heads on frozen CLIP embeddings, run by GIST's embed and evaluate stages
+           (method "gist"): k-NN, nearest centroid and the hybrid image + caption head, whose captions
+           are one description per image of every split (set gist.image_descriptions to the file
+           configs/describe.py:task=image_descriptions writes; descriptions are label-free, so test
+           images may have them), beside an L-BFGS linear probe. model.init is the CLIP to embed with
+           (ViT-B/32, or a fine-tuned export); set data.metadata and data.image_dir.
 """
 
 import os
@@ -33,8 +39,21 @@ from configs import common  # noqa: E402
 from jaxgist.methods import flip  # noqa: E402
 
 
+def heads_config():
+    from jaxgist.methods import gist
+
+    c = gist.default_config()
+    c.model.init = "ViT-B/32"
+    c.data.source = "gist"
+    c.gist.update(dict(stages=("embed", "evaluate"), match_model="", probes=("lbfgs",),
+                       heads=("knn", "centroid", "hybrid")))
+    return c
+
+
 def get_config(arg: str = ""):
-    common.check_arg("configs/flip.py", arg)
+    common.check_arg("configs/flip.py", arg, ("", "small", "heads"))
+    if arg == "heads":
+        return heads_config()
     c = flip.default_config()
     c.model.init = "ViT-B/32"
     c.data.source = "gist"

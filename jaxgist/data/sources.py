@@ -191,6 +191,16 @@ def _check_string_lists(data: Mapping[str, Any], path: str, what: str, value_nam
                                 f"({item!r:.60}), expected a string")
 
 
+def read_image_descriptions(path: str | os.PathLike) -> dict[str, str]:
+    """An image descriptions JSON: ``{filename: description}`` (one text per image, any split)."""
+    path = os.fspath(path)
+    data = _read_json_object(path, "image descriptions")
+    bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} key(s) do not map to a non-empty description string, e.g. {bad[:3]}")
+    return data
+
+
 def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     """A captions JSON: ``{filename: [caption, ...]}`` (matched captions, best first)."""
     path = os.fspath(path)

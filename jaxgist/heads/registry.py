@@ -1,5 +1,5 @@
 """Few-shot and zero-shot heads on cached CLIP embeddings: Tip-Adapter(-F), CODER (zero-shot,
-re-ranked, few-shot), and FLIP's k-NN and nearest-centroid heads.
+re-ranked, few-shot), and FLIP's k-NN, nearest-centroid and hybrid (image + caption) heads.
 
 Every head reads the same cached arrays (written by the GIST ``embed`` stage): image embeddings of
 train / val / test, augmented views of the training images (Tip-Adapter's cache keys), the class
@@ -20,7 +20,7 @@ from jaxgist.core.arrays import l2_normalize
 from jaxgist.evaluation import accuracy
 from jaxgist.heads import coder, flip, tip_adapter
 
-HEADS = ("tip_adapter", "tip_adapter_f", "coder", "coder_rerank", "coder_tip_adapter", "knn", "centroid")
+HEADS = ("tip_adapter", "tip_adapter_f", "coder", "coder_rerank", "coder_tip_adapter", "knn", "centroid", "hybrid")
 
 
 def knowledge_for(class_names, *, path: str = "") -> coder.Knowledge:
@@ -68,6 +68,16 @@ def run(heads, splits: dict[str, dict[str, np.ndarray]], text_weights: np.ndarra
                                                                      seed=seed))
     fits["knn"] = lambda: fitted(flip.knn_classifier(xtr, tr["y"], xva, va["y"], num_classes))
     fits["centroid"] = lambda: fitted(flip.centroid_classifier(xtr, tr["y"], xva, va["y"], num_classes))
+
+    def hybrid():
+        if not all("caption_x" in d for d in (tr, va, te)):
+            raise ValueError("the hybrid head needs each split's caption embeddings (caption_x)")
+        head = flip.hybrid_head(tr["x"], tr["caption_x"], tr["y"], va["x"], va["caption_x"], va["y"], num_classes,
+                                seed=seed)
+        return head.predict_logits(te["x"], te["caption_x"]), {k: v for k, v in head.summary().items()
+                                                                if k != "method"}
+
+    fits["hybrid"] = hybrid
 
     def need_knowledge():
         if knowledge is None:

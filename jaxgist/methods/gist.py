@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
         probes=("sgd",), sgd=dict(lr=0.5, epochs=1000, batch_size=64), normalize_features=False,
         zero_shot_templates=("a photo of a {}.",), bootstrap=1000, eval_step=-1, seed=0,
         augment_views=0, heads=(), coder_knowledge="",
+        image_descriptions="",  # {filename: description} of every image (describe's image_descriptions): the hybrid head
     ))
     c.pretrain = ml_collections.ConfigDict(dict(
         synthetic=dict(first_class=20, num_classes=20, train_per_class=20, image_size=80, seed=1, num_captions=5),
@@ -82,6 +83,10 @@ def validate(config) -> None:
     req(len(g.splits) > 0, "config.gist.splits must name at least one split to embed")
     req(set(g.splits) >= {"train", "val", "test"} or "evaluate" not in g.stages,
         f"config.gist.splits={tuple(g.splits)} must include train, val and test for the evaluate stage")
+    if "hybrid" in g.heads:
+        req(bool(g.image_descriptions), "config.gist.heads has 'hybrid' (FLIP's image + caption head): set "
+            "config.gist.image_descriptions to a {filename: description} file of every image "
+            "(configs/describe.py:task=image_descriptions)")
     if "summarize" in g.stages:
         req(bool(config.describe.base_url) and bool(config.describe.model),
             "config.gist.stages has 'summarize': set config.describe.base_url and config.describe.model (an "
@@ -248,6 +253,8 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
         text = {"templates": zero_shot.class_embeddings(model, tokenize, class_names, tuple(g.zero_shot_templates))}
         if any(h.startswith("coder") for h in g.heads):
             text.update(heads_lib.knowledge_arrays(model, _knowledge(config, workdir, class_names), tokenize))
+        if "hybrid" in g.heads:
+            text.update(_caption_embeddings(config, workdir, model, tokenize, splits))
         if jax.process_index() == 0:  # every process has every embedding: one writes them
             embeddings.save(out_dir / f"{name}.npz", splits, class_names)
             embeddings.save_arrays(out_dir / f"{name}_text.npz", **text)
@@ -255,6 +262,26 @@ def embed(config, workdir: pathlib.Path, init: str) -> dict:
         summary[name] = {split: int(len(d["y"])) for split, d in splits.items()}
         logging.info("gist/embed: %s embeddings of %s", name, summary[name])
     return summary
+
+
+def _caption_embeddings(config, workdir, model, tokenize, splits) -> dict[str, np.ndarray]:
+    """``caption_<split>``: the unit text embedding of each embedded image's description (the file
+    ``gist.image_descriptions``, keyed by the metadata's filename), row for row with the image embeddings."""
+    from jaxgist.data.sources import DataError, read_image_descriptions
+
+    path = config.gist.image_descriptions
+    described = read_image_descriptions(path)
+    out = {}
+    for split in config.gist.splits:
+        source = datasets.source(config.data, split, workdir, with_captions=False)
+        names = [source[int(i)]["filename"] for i in splits[split]["index"]]
+        missing = [n for n in names if n not in described]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} {split} image(s) have no description, e.g. {missing[:3]}; "
+                            f"write them with configs/describe.py:task=image_descriptions")
+        out[f"caption_{split}"] = embeddings.encode_texts(model, tokenize([described[n] for n in names]),
+                                                          batch_size=config.gist.batch_size)
+    return out
 
 
 def evaluate(config, workdir: pathlib.Path) -> dict:
@@ -287,6 +314,9 @@ def evaluate(config, workdir: pathlib.Path) -> dict:
             knowledge = None
             if any(h.startswith("coder") for h in g.heads):
                 knowledge = heads_lib.load_knowledge_embeddings(_knowledge(config, workdir, class_names), cached)
+            for split in ("train", "val", "test"):
+                if f"caption_{split}" in cached:
+                    splits[split]["caption_x"] = cached[f"caption_{split}"]
             found = heads_lib.run(tuple(g.heads), splits, cached["templates"], knowledge, bootstrap=g.bootstrap,
                                   seed=g.seed)
             out.setdefault(name, {}).update(found)

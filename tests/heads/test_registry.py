@@ -21,6 +21,8 @@ def aligned_problem(num_classes=6, dim=32, shots=4, seed=0):
         return {"x": (text[y] + 0.15 * rng.normal(size=shape)).astype(np.float32), "y": y.astype(np.int32)}
 
     splits = {"train": split(shots), "val": split(4), "test": split(10)}
+    for d in splits.values():  # each image's description embeds near its class too (the hybrid head's input)
+        d["caption_x"] = (text[d["y"]] + 0.3 * rng.normal(size=d["x"].shape)).astype(np.float32)
     splits["trainviews"] = {"x": np.stack([splits["train"]["x"] + 0.05 * rng.normal(size=splits["train"]["x"].shape)
                                            for _ in range(3)]).astype(np.float32), "y": splits["train"]["y"]}
     names = [f"class {i}" for i in range(num_classes)]
@@ -59,3 +61,6 @@ def test_unknown_head_and_missing_knowledge_are_errors():
         heads.run(("svm",), splits, text, None)
     with pytest.raises(ValueError, match="need CODER knowledge"):
         heads.run(("coder",), splits, text, None)
+    del splits["val"]["caption_x"]
+    with pytest.raises(ValueError, match=r"hybrid head needs each split's caption embeddings"):
+        heads.run(("hybrid",), splits, text, None)

@@ -141,3 +141,67 @@ def test_an_unreachable_server_is_one_line(tmp_path):
     c.describe.update(dict(base_url="http://127.0.0.1:9/v1", model="m", max_retries=2))
     with pytest.raises(main.user_errors(), match=r"http://127\.0\.0\.1:9/v1"):
         run_job(c, str(tmp_path / "work"))
+
+
+def test_image_descriptions_feed_flips_hybrid_head_in_the_evaluate_stage(tmp_path, server):
+    """configs/flip.py:heads runs FLIP's heads through GIST's embed and evaluate stages; the hybrid head
+    reads the describe job's per-image descriptions of every split."""
+    from configs import common
+    from configs import flip as flip_config
+    from jaxgist.models import clip
+
+    c = config_for("image_descriptions", server, tmp_path, image_max_side=32)
+    descriptions = run_job(c, str(tmp_path / "describe"))["describe"]["output"]
+    g = flip_config.get_config("heads")
+    g.model.init = str(clip.save_hf(clip.create(common.TINY_CLIP, seed=0), tmp_path / "tiny"))
+    g.data = c.data
+    g.gist.update(dict(image_descriptions=descriptions, bootstrap=10, batch_size=16))
+    out = run_job(g, str(tmp_path / "heads"))["gist"]["pretrained"]
+    assert {"hybrid", "knn", "centroid", "linear_probe_lbfgs", "zero_shot"} <= set(out)
+    assert out["hybrid"]["test_count"] == 4 and 0.0 <= out["hybrid"]["test_top1"] <= 1.0
+    g.gist.image_descriptions = ""
+    with pytest.raises(Exception, match=r"config\.gist\.image_descriptions"):
+        run_job(g, str(tmp_path / "heads"))
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_asking_only_what_is_missing(tmp_path):
+    """SIGKILL in the middle of a class_descriptions job through the CLI; the rerun asks no prompt already
+    answered, and its file equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def command(server, workdir):
+        return [sys.executable, "-m", "jaxgist", "--config", str(ROOT / "configs" / "describe.py") +
+                ":task=class_descriptions,dataset=small", "--workdir", str(workdir),
+                f"--config.data.synthetic.dir={tmp_path / 'birds'}", f"--config.describe.base_url={server.url}",
+                "--config.describe.model=fake-model", "--config.describe.num_descriptions=20",
+                "--config.describe.per_request=2", "--config.describe.concurrency=2",
+                "--compilation_cache=off"]
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    with FakeChatServer(answer) as whole:
+        subprocess.run(command(whole, tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    with FakeChatServer(answer, latency_s=0.05) as server:
+        proc = subprocess.Popen(command(server, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(server.answered) < 12 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        answered_before = list(server.answered)
+        assert 12 <= len(answered_before) < 40, len(answered_before)  # 4 classes x 10 requests in all
+        server.log.clear()
+        again = subprocess.run(command(server, tmp_path / "killed"), env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        # a prompt answered before the kill may have been written to the cache or not (killed between the
+        # answer and its fsync): at most the requests in flight at the kill are asked again
+        repeated = [p for p in server.log if p in answered_before]
+        assert len(repeated) <= 2, len(repeated)
+        assert len(server.log) == 40 - len(answered_before) + len(repeated)
+    name = "describe/long_captions.json"
+    assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text()
