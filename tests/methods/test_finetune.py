@@ -127,6 +127,7 @@ def test_evaluation_and_best_checkpoint(tmp_path, synthetic_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_evaluate_and_watch_modes_score_saved_checkpoints(tmp_path, synthetic_dir):
     """mode=evaluate scores one saved step with the weights training evaluated (same figure); mode=watch
     scores every saved step and stops once the last step is done; both add to results.json."""

@@ -158,6 +158,7 @@ def _cli(*args, timeout=600):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_cli_reports_and_exits_by_fit(tmp_path):
     out = tmp_path / "report.json"
     ok = _cli("--topology", "v5e:2x2", "--json", str(out))

@@ -110,6 +110,7 @@ def test_one_step_matches_pytorch_adam(tmp_path):
 # Meshes
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_losses_on_one_device_data_parallel_and_fsdp():
     data = batches(5, seed=1)
     c = config(lr=1e-3)
