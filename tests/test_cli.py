@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from jaxgist.training import metrics, optim
+from jaxgist.training import metrics
+from tests.methods.test_finetune import assert_trees_equal, saved_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAST_HINT = "  (JAXGIST_TRACEBACK=1 shows where)"
@@ -82,21 +81,8 @@ def train_rows(workdir) -> list[int]:
     return [r["step"] for r in metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl") if "train/loss" in r]
 
 
-def saved_state(workdir, step):
-    """The checkpointed train state of ``step`` as numpy arrays."""
-    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata.tree
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
 def assert_same_state(workdir_a, workdir_b, step):
-    a = {optim.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved_state(workdir_a, step))}
-    b = {optim.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved_state(workdir_b, step))}
-    assert sorted(a) == sorted(b)
-    for name in a:
-        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+    assert_trees_equal(saved_state(workdir_a, step), saved_state(workdir_b, step))
 
 
 def results(workdir) -> dict:

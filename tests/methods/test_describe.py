@@ -18,8 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "describe"))
 sys.path.insert(0, str(ROOT))
 
-from configs import describe as describe_config  # noqa: E402
 from fake_chat_server import FakeChatServer  # noqa: E402
+
+from configs import describe as describe_config  # noqa: E402
 from jaxgist.data import datasets, sources  # noqa: E402
 from jaxgist.main import run_job  # noqa: E402
 
