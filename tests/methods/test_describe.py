@@ -206,3 +206,26 @@ def test_a_killed_job_resumes_asking_only_what_is_missing(tmp_path):
         assert len(server.log) == 40 - len(answered_before) + len(repeated)
     name = "describe/long_captions.json"
     assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+
+
+def test_gists_summarize_stage_shortens_the_matched_captions_for_fine_tuning(tmp_path, server):
+    from configs import common
+    from jaxgist.methods import gist
+    from jaxgist.models import clip
+
+    c = gist.default_config()
+    c.model.init = str(clip.save_hf(clip.create(common.TINY_CLIP, seed=0), tmp_path / "tiny"))
+    c.gist.update(dict(stages=("match", "summarize"), match_model="", match_k=2, batch_size=16))
+    c.data.update(dict(source="synthetic", num_captions=2))
+    c.data.synthetic.update(dict(num_classes=3, train_per_class=2, val_per_class=1, test_per_class=1,
+                                 image_size=48, num_captions=2, shots=(), dir=str(tmp_path / "birds")))
+    with pytest.raises(Exception, match=r"stages has 'summarize': set config\.describe\.base_url"):
+        gist.run(c, str(tmp_path / "work"))
+    c.describe.update(dict(base_url=server.url, model="fake-model", summary_words=12))
+    gist.run(c, str(tmp_path / "work"))
+    matched = json.loads((tmp_path / "work" / "match" / "captions_top2.json").read_text())
+    short = json.loads((tmp_path / "work" / "summarize" / "captions_short.json").read_text())
+    assert list(short) == list(matched) and all(len(short[k]) == len(matched[k]) == 2 for k in matched)
+    assert all(": short feature" in t for texts in short.values() for t in texts)
+    stages = json.loads((tmp_path / "work" / "results.json").read_text())["run"]["gist"]["stages"]
+    assert stages["summarize"]["images"] == 6 and stages["summarize"]["failed"] == 0
