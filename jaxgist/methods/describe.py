@@ -254,16 +254,36 @@ def image_descriptions(config, workdir, client):
 # CODER's knowledge
 # ---------------------------------------------------------------------------------------------
 
-def wordnet_synonyms(name: str, limit: int) -> list[str] | None:
-    """Lemma names of ``name``'s WordNet synsets (other than the name), or None without nltk's WordNet."""
-    try:
-        from nltk.corpus import wordnet
+DEBIAN_WORDNET = "/usr/share/wordnet"  # Debian's wordnet-base package
 
-        synsets = wordnet.synsets(name.strip().replace(" ", "_"))
-    except (ImportError, LookupError):
+
+def wordnet():
+    """nltk's WordNet reader (its own corpus, else Debian's files where they are complete), or None
+    (nltk not installed, no usable data): synonyms then come from the model."""
+    try:
+        import nltk
+        from nltk.corpus import wordnet as corpus
+    except ImportError:
         return None
+    try:
+        corpus.ensure_loaded()
+        return corpus
+    except (LookupError, OSError):
+        pass
+    try:
+        from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+        if DEBIAN_WORDNET not in nltk.data.path:
+            nltk.data.path.append(DEBIAN_WORDNET)  # nltk reads only below its data path
+        return WordNetCorpusReader(DEBIAN_WORDNET, None)
+    except (LookupError, OSError, PermissionError, ValueError):  # absent, or without the files nltk needs
+        return None
+
+
+def wordnet_synonyms(reader, name: str, limit: int) -> list[str]:
+    """Lemma names of ``name``'s WordNet synsets, other than the name itself, at most ``limit``."""
     out = []
-    for synset in synsets:
+    for synset in reader.synsets(name.strip().replace(" ", "_")):
         for lemma in synset.lemma_names():
             text = lemma.replace("_", " ")
             if text.lower() != name.lower() and text not in out:
@@ -304,12 +324,15 @@ def coder_knowledge(config, workdir, client):
     attributes = ask("coder_attributes", [(str(i), dict(classname=n, domain=domain, n=d.num_attributes))
                                           for i, n in enumerate(names)], answers.string_list(min_items=1),
                      "attributes")
+    reader = wordnet() if d.wordnet else None
+    if d.wordnet and reader is None:
+        logging.info("describe: no WordNet (pip install nltk, and its wordnet corpus): synonyms from the model")
     synonyms: list[list[str]] = []
     need_llm = []
-    for i, n in enumerate(names):
-        found = wordnet_synonyms(n, d.num_synonyms) if d.wordnet else None
-        synonyms.append(found or [])
-        if found is None:
+    for i, n in enumerate(names):  # a name WordNet does not know is asked of the model
+        found = wordnet_synonyms(reader, n, d.num_synonyms) if reader is not None else []
+        synonyms.append(found)
+        if not found:
             need_llm.append(i)
     if need_llm:
         for res in ask("coder_synonyms", [(str(i), dict(classname=names[i], domain=domain, n=d.num_synonyms))

@@ -229,3 +229,25 @@ def test_gists_summarize_stage_shortens_the_matched_captions_for_fine_tuning(tmp
     assert all(": short feature" in t for texts in short.values() for t in texts)
     stages = json.loads((tmp_path / "work" / "results.json").read_text())["run"]["gist"]["stages"]
     assert stages["summarize"]["images"] == 6 and stages["summarize"]["failed"] == 0
+
+
+def test_coder_synonyms_come_from_wordnet_where_it_knows_the_name(tmp_path, server, monkeypatch):
+    from jaxgist.methods import describe
+
+    class Synset:
+        def lemma_names(self):
+            return ["Common_Finch", "grey_finch", "checkered_finch"]
+
+    class WordNet:  # knows one class of the generated birds
+        def synsets(self, name):
+            return [Synset()] if name == "Common_Finch" else []
+
+    monkeypatch.setattr(describe, "wordnet", lambda: WordNet())
+    c = config_for("coder_knowledge", server, tmp_path, num_attributes=2, num_analogous=1, pairs_per_class=1,
+                   analogous_max_cosine=0.99999)
+    out = run_job(c, str(tmp_path / "work"))["describe"]
+    knowledge = json.loads(pathlib.Path(out["output"]).read_text())
+    finch = next(k for k in knowledge["classes"] if k["name"] == "Common Finch")
+    assert finch["synonyms"] == ["grey finch", "checkered finch"] and out["synonyms_from_wordnet"] == 1
+    asked = [p for p in server.log if "other names" in p]
+    assert len(asked) == 3 and not any('"Common Finch"' in p for p in asked)  # the model is asked the others only
