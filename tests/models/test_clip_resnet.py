@@ -213,3 +213,26 @@ def test_finetuning_a_resnet_clip_updates_its_batch_statistics():
     state, metrics = setup.step(state, batch)
     after = jax.device_get(state.models["clip"]["vision_model"]["bn1"]["var"][...])
     assert np.isfinite(float(metrics["loss"])) and not np.allclose(before, after)
+
+
+def test_a_checkpoint_trained_with_other_image_statistics_gets_the_pipelines_pixels_mapped_to_them(tmp_path):
+    """open_clip's ViT-L-14/laion2b_s32b_b82k was trained on images normalized with mean = std = 0.5: its
+    config says so, and the model maps the pipeline's OpenAI-normalized pixels to that at the input."""
+    from configs import common
+    from jaxgist.models.clip import model as clip_model
+
+    laion = clip.read_config("ViT-L-14/laion2b_s32b_b82k")
+    assert laion.image_mean == laion.image_std == (0.5, 0.5, 0.5)
+    assert clip.read_config("ViT-B-32/laion2b_s34b_b79k").image_mean == clip_model.OPENAI_MEAN
+    base = clip.create(common.TINY_CLIP, seed=4)
+    other = clip.create(base.config.replace(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)), seed=4)
+    raw = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    openai = (raw - np.asarray(clip_model.OPENAI_MEAN, np.float32)) / np.asarray(clip_model.OPENAI_STD, np.float32)
+    ours = np.asarray(other.encode_image(jnp.asarray(openai)))
+    want = np.asarray(base.encode_image(jnp.asarray((raw - 0.5) / 0.5)))
+    np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(base.encode_image(jnp.asarray(openai))) - want).max() > 1e-3  # the map matters
+    # an HF directory keeps its statistics in preprocessor_config.json
+    saved = clip.save_hf(other, tmp_path / "hf")
+    assert clip.read_config(saved).image_std == (0.5, 0.5, 0.5)
+    np.testing.assert_allclose(np.asarray(clip.load(saved).encode_image(jnp.asarray(openai))), want, rtol=0, atol=1e-5)

@@ -24,6 +24,9 @@ from jaxgist.models.clip.resnet import ModifiedResNet, ResNetConfig
 from jaxgist.models.layers import ACTIVATIONS, Dense, Encoder, LayerNorm
 
 LOGIT_SCALE_MAX = math.log(100.0)
+# The image statistics OpenAI's CLIP was trained with, which jaxgist's input pipeline normalizes with.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,10 @@ class CLIPConfig:
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialize transformer blocks in the backward pass
+    # the per-channel statistics the checkpoint's images were normalized with: inputs, normalized with
+    # OpenAI's, are mapped to these at the start of the image tower when they differ
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
 
     def __post_init__(self):
         problems = self.vision.problems() if self.is_resnet else []
@@ -212,7 +219,8 @@ class TextTransformer(nnx.Module):
 
 
 class CLIP(nnx.Module):
-    """CLIP with HF parameter names. Images are NHWC float pixels, already CLIP-normalized."""
+    """CLIP with HF parameter names. Images are NHWC float pixels, normalized with OpenAI's CLIP
+    statistics (as jaxgist's pipeline does); ``renormalize`` maps them to the checkpoint's own."""
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -231,10 +239,23 @@ class CLIP(nnx.Module):
 
     def encode_image(self, pixels):
         """[B, H, W, 3] normalized pixels -> projected, unnormalized embeddings [B, E] (float32)."""
+        pixels = self.renormalize(pixels)
         if self.visual_projection is None:
             return self.vision_model(pixels).astype(jnp.float32)
         _, pooled = self.vision_model(pixels, pooled_only=True)
         return self.visual_projection(pooled).astype(jnp.float32)
+
+    def renormalize(self, pixels):
+        """Pixels normalized with OpenAI's statistics (the input pipeline's) -> normalized with the
+        checkpoint's ``config.image_mean`` / ``image_std`` (an affine map per channel; the identity,
+        and no work, for OpenAI's)."""
+        cfg = self.config
+        if (tuple(cfg.image_mean), tuple(cfg.image_std)) == (OPENAI_MEAN, OPENAI_STD):
+            return pixels
+        mean, std = jnp.asarray(cfg.image_mean, jnp.float32), jnp.asarray(cfg.image_std, jnp.float32)
+        scale = jnp.asarray(OPENAI_STD, jnp.float32) / std
+        shift = (jnp.asarray(OPENAI_MEAN, jnp.float32) - mean) / std
+        return (pixels.astype(jnp.float32) * scale + shift).astype(pixels.dtype)
 
     def encode_text(self, ids):
         """[B, L] int token ids -> projected, unnormalized embeddings [B, E] (float32)."""

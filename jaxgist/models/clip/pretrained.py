@@ -6,7 +6,8 @@
 Each entry records where the weights live (an HF hub repo, or a URL of a state-dict file) and the
 architecture facts a state dict cannot tell: the activation (OpenAI's and open_clip's
 ``*-quickgelu`` models use QuickGELU, open_clip's LAION/DataComp models GELU), attention heads where
-open_clip's are not width / 64 (ViT-H/g/bigG), and the image normalization it was trained with.
+open_clip's are not width / 64 (ViT-H/g/bigG), and the image normalization it was trained with
+(``CLIPConfig.image_mean`` / ``image_std``, applied by the model to the pipeline's OpenAI-normalized input).
 The table follows open_clip's ``pretrained.py`` for the OpenAI-layout architectures (ResNet and
 ViT CLIPs); OpenAI's ViT names ("ViT-B/32", ...) resolve to their HF hub copies in ``weights``.
 """
@@ -22,8 +23,8 @@ import time
 
 from absl import logging
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from jaxgist.models.clip.model import OPENAI_MEAN, OPENAI_STD
+
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 

@@ -388,6 +388,18 @@ def _download_hub(name: str) -> pathlib.Path:
                               "model-*.safetensors"]))
 
 
+def _image_stats(directory: pathlib.Path) -> dict[str, tuple[float, ...]]:
+    """``image_mean`` / ``image_std`` of an HF directory's ``preprocessor_config.json`` ({} without one)."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        pre = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from e
+    return {k: tuple(float(v) for v in pre[k]) for k in ("image_mean", "image_std") if k in pre}
+
+
 def _with_act(cfg: CLIPConfig, act: str | None) -> CLIPConfig:
     """``cfg`` with both towers' activation forced to ``act`` (a ResNet image tower has none)."""
     if not act:
@@ -398,16 +410,11 @@ def _with_act(cfg: CLIPConfig, act: str | None) -> CLIPConfig:
     return cfg.replace(vision=vision, text=dataclasses.replace(cfg.text, act=act))
 
 
-def _warn_normalization(entry) -> None:
-    if (entry.mean, entry.std) != (pretrained.OPENAI_MEAN, pretrained.OPENAI_STD):
-        logging.warning("%s was trained on images normalized with mean %s and std %s; jaxgist's input pipeline "
-                        "normalizes with OpenAI's", entry.name, entry.mean, entry.std)
-
-
 def _load_entry(entry, *, dtype, compute_dtype, remat, act) -> CLIP:
-    """Loads a named pretrained CLIP (``pretrained.PRETRAINED``)."""
-    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
-    _warn_normalization(entry)
+    """Loads a named pretrained CLIP (``pretrained.PRETRAINED``), with the image statistics it was
+    trained with (``CLIPConfig.image_mean`` / ``image_std``)."""
+    overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat, image_mean=tuple(entry.mean),
+                     image_std=tuple(entry.std))
     if entry.url:
         file = pretrained.download(entry.url, entry.sha256)
         sd = read_state_dict(file)
@@ -445,7 +452,7 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=No
     path = pathlib.Path(name_or_path)
     if path.is_dir():
         hf = _read_hf_config(path / "config.json")
-        cfg = _with_act(config_from_hf(hf, **overrides), act)
+        cfg = _with_act(config_from_hf(hf, **{**_image_stats(path), **overrides}), act)
         return from_hf_state_dict(cfg, _read_hf_dir(path), source=str(path))
     if path.is_file():
         sd = read_state_dict(path)
@@ -478,10 +485,13 @@ def read_config(name_or_path: str | os.PathLike, *, dtype=jnp.float32, compute_d
     overrides = dict(param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     path = pathlib.Path(name_or_path)
     if path.is_dir():
-        return _with_act(config_from_hf(_read_hf_config(path / "config.json"), **overrides), act)
+        return _with_act(config_from_hf(_read_hf_config(path / "config.json"), **{**_image_stats(path), **overrides}),
+                         act)
     if path.is_file():
         return _state_dict_file_config(path, read_state_dict(path), overrides, act)[0]
     entry = pretrained.lookup(str(name_or_path))
+    if entry is not None:
+        overrides.update(image_mean=tuple(entry.mean), image_std=tuple(entry.std))
     if entry is not None and entry.preset:
         return _with_act(PRESETS[entry.preset].replace(**overrides), act or entry.act)
     if entry is not None:  # an open_clip model of other sizes: its hub copy's config.json, or its weights
@@ -550,5 +560,11 @@ def save_hf(model: CLIP, directory: str | os.PathLike) -> pathlib.Path:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    size = model.config.vision.image_size
+    (directory / "preprocessor_config.json").write_text(json.dumps({  # CLIPImageProcessor's, with the statistics
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(model.config.image_mean),
+        "image_std": list(model.config.image_std), "do_convert_rgb": True}, indent=2))
     save_file(to_hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
