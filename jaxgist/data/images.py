@@ -42,7 +42,8 @@ import struct
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageReadError", "decode_image", "decode_pil_image", "load_image", "load_pil_image", "to_rgb"]
+__all__ = ["ImageReadError", "decode_image", "decode_pil_image", "load_image", "load_pil_image", "to_rgb",
+           "with_skip_hint"]
 
 # Exceptions Pillow raises for undecodable data (UnidentifiedImageError is an OSError; "broken PNG
 # file" is a SyntaxError; some plugins raise struct.error, EOFError or ValueError on short data).
@@ -53,6 +54,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class ImageReadError(ValueError):
     """An image file or byte string that exists but cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def with_skip_hint(e: FileNotFoundError | ImageReadError) -> FileNotFoundError | ImageReadError:
+    """``e`` (same type) with the flag that leaves unreadable images out, for jobs that stop on one."""
+    return type(e)(f"{e}; --config.data.skip_unreadable=True leaves unreadable images out (and counts them)")
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -140,8 +140,7 @@ def _read(record, skip_unreadable: bool, in_stored_mode: bool = False):
         return images.load_pil_image(record["path"]) if in_stored_mode else images.load_image(record["path"])
     except (FileNotFoundError, images.ImageReadError) as e:
         if not skip_unreadable:
-            raise type(e)(f"{e}; --config.data.skip_unreadable=True leaves unreadable images out (and counts "
-                          f"them)") from e
+            raise images.with_skip_hint(e) from e
         with _pending_lock:
             _pending.append(str(record.get("path", record.get("filename"))))
         logging.warning("skipping unreadable image: %s", e)

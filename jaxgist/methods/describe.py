@@ -237,8 +237,7 @@ def image_descriptions(config, workdir, client):
             url = _data_url(path, d.image_max_side)
         except (FileNotFoundError, images.ImageReadError) as e:
             if not config.data.skip_unreadable:
-                raise type(e)(f"{e}; --config.data.skip_unreadable=True leaves unreadable images out (and counts "
-                              f"them)") from e
+                raise images.with_skip_hint(e) from e
             unreadable.append(filename)
             continue
         requests.append(client_lib.Request(key=filename, messages=_user(text, url),

@@ -161,7 +161,6 @@ def test_names_resolve_to_architectures_without_downloading():
 
 def test_an_unreachable_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXGIST_CACHE", str(tmp_path))
-    monkeypatch.setattr(pretrained, "_OPENAI", "http://127.0.0.1:9/clip")
     entry = pretrained.Pretrained(name="RN50", act="quick_gelu", url="http://127.0.0.1:9/clip/RN50.pt")
     with pytest.raises(FileNotFoundError, match=r"downloading http://127\.0\.0\.1:9/clip/RN50\.pt failed"):
         pretrained.download(entry.url)

@@ -95,10 +95,6 @@ def conv_bn(conv: Conv2d, bn: BatchNorm, x):
     return y + shift.astype(y.dtype)
 
 
-def _conv(cin: int, cout: int, kernel: int, **kw) -> Conv2d:
-    return Conv2d(cin, cout, kernel, **kw)
-
-
 def _avg_pool(x, stride: int):
     """PyTorch's ``AvgPool2d(stride)``: non-overlapping windows, a remainder row/column dropped."""
     if stride == 1:
@@ -111,18 +107,18 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = _conv(inplanes, planes, 1, **conv)
+        self.conv1 = Conv2d(inplanes, planes, 1, **conv)
         self.bn1 = BatchNorm(planes, use_running_average=True, param_dtype=param_dtype)
-        self.conv2 = _conv(planes, planes, 3, **conv)
+        self.conv2 = Conv2d(planes, planes, 3, **conv)
         self.bn2 = BatchNorm(planes, use_running_average=True, param_dtype=param_dtype)
-        self.conv3 = _conv(planes, planes * self.expansion, 1, **conv)
+        self.conv3 = Conv2d(planes, planes * self.expansion, 1, **conv)
         # OpenAI zero-initializes the last BatchNorm of each block: a fresh block starts as the identity
         self.bn3 = BatchNorm(planes * self.expansion, use_running_average=True, scale_init=0.0,
                              param_dtype=param_dtype)
         self.stride = stride
         if stride > 1 or inplanes != planes * self.expansion:
             self.downsample = nnx.List([
-                _conv(inplanes, planes * self.expansion, 1, **conv),
+                Conv2d(inplanes, planes * self.expansion, 1, **conv),
                 BatchNorm(planes * self.expansion, use_running_average=True, param_dtype=param_dtype),
             ])
         else:
@@ -177,9 +173,9 @@ class ModifiedResNet(nnx.Module):
         half = c.width // 2
         self.conv1 = Conv2d(3, half, 3, stride=2, **conv)
         self.bn1 = BatchNorm(half, **bn)
-        self.conv2 = _conv(half, half, 3, **conv)
+        self.conv2 = Conv2d(half, half, 3, **conv)
         self.bn2 = BatchNorm(half, **bn)
-        self.conv3 = _conv(half, c.width, 3, **conv)
+        self.conv3 = Conv2d(half, c.width, 3, **conv)
         self.bn3 = BatchNorm(c.width, **bn)
         inplanes = c.width
         for i, blocks in enumerate(c.layers):
