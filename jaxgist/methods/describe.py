@@ -300,7 +300,7 @@ def _text_embeddings(model, tokenize, texts: Sequence[str], batch: int = 64) -> 
         return np.zeros((0, model.config.embed_dim), np.float32)
     ids = tokenize([f"a photo of a {t}." for t in texts])
     padded = arrays.pad_rows(ids, math.ceil(len(texts) / batch) * batch)
-    return np.asarray(arrays.l2_normalize(embeddings.encode_texts(model, padded, batch_size=batch)[: len(texts)]))
+    return np.asarray(embeddings.encode_texts(model, padded, batch_size=batch)[: len(texts)])  # unit norm already
 
 
 def coder_knowledge(config, workdir, client):
