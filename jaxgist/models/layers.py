@@ -82,16 +82,21 @@ class BatchNorm(nnx.Module):
     ``nnx.BatchNorm``'s 0.9). Parameters ``scale`` (PyTorch's ``weight``) and ``bias``; statistics
     (``nnx.BatchStat``) ``mean`` and ``var``. Computed in float32, returned in the input's dtype.
     Under a sharded jit the batch statistics are those of the global batch (SyncBatchNorm's).
+    ``groups`` > 1 splits the batch into that many equal runs of consecutive rows, each normalized
+    with its own statistics: what ``groups`` data-parallel devices with unsynchronized BatchNorm (PyTorch
+    DDP without SyncBatchNorm) compute; the running statistics then move by the mean of the groups'.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5,
-                 use_running_average: bool = False, scale_init: float = 1.0, param_dtype=jnp.float32):
+                 use_running_average: bool = False, scale_init: float = 1.0, param_dtype=jnp.float32,
+                 groups: int = 1):
         self.scale = nnx.Param(jnp.full((num_features,), scale_init, param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.momentum, self.eps = float(momentum), float(eps)
         self.use_running_average = use_running_average
+        self.groups = int(groups)
 
     def __call__(self, x, use_running_average: bool | None = None, mask=None):
         if use_running_average is None:
@@ -100,15 +105,24 @@ class BatchNorm(nnx.Module):
         if use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            axes = tuple(range(x.ndim - 1))
+            g = self.groups
+            if x.shape[0] % g:
+                raise ValueError(f"a batch of {x.shape[0]} rows does not split into BatchNorm's {g} groups")
+            xg = xf.reshape(g, x.shape[0] // g, *x.shape[1:])  # [G, B/G, ..., C]
+            axes = tuple(range(1, xg.ndim - 1))
             w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
-            w = w.reshape(w.shape + (1,) * (x.ndim - 1))
-            m = jnp.sum(w) * math.prod(x.shape[1:-1])
-            mean = jnp.sum(w * xf, axis=axes) / m
-            var = jnp.sum(w * jnp.square(xf - mean), axis=axes) / m
+            w = w.reshape((g, -1) + (1,) * (x.ndim - 1))
+            m = jnp.maximum(jnp.sum(w, axis=axes, keepdims=True) * math.prod(x.shape[1:-1]), 1.0)  # [G, 1, ..., 1]
+            mean = jnp.sum(w * xg, axis=axes, keepdims=True) / m
+            var = jnp.sum(w * jnp.square(xg - mean), axis=axes, keepdims=True) / m
             unbiased = var * m / jnp.maximum(m - 1.0, 1.0)
-            self.mean[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.mean[...] + self.momentum * mean)
-            self.var[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.var[...] + self.momentum * unbiased)
+            flat = lambda v: v.reshape(g, -1).mean(0)  # noqa: E731  (the groups' mean, per channel)
+            self.mean[...] = jax.lax.stop_gradient((1.0 - self.momentum) * self.mean[...] + self.momentum * flat(mean))
+            self.var[...] = jax.lax.stop_gradient(
+                (1.0 - self.momentum) * self.var[...] + self.momentum * flat(unbiased))
+            y = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+            y = y.reshape(x.shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            return y.astype(dtype)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
