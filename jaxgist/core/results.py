@@ -24,7 +24,8 @@ from jaxgist.core import files
 
 RUN = "run"  # the key of the run metadata in results.json
 # the metrics a table shows, in this order, with their bootstrap std when there is one
-TABLE_METRICS = ("test_top1", "test_top3", "test_top5", "val_top1", "val_zero_shot_top1", "zero_shot_top1")
+TABLE_METRICS = ("test_top1", "test_top3", "test_top5", "val_top1", "val_zero_shot_top1", "zero_shot_top1",
+                 "chosen_test_top1", "minival_top1")
 
 
 class ResultsError(ValueError):
@@ -94,7 +95,7 @@ def _cell(metrics: Mapping[str, Any], key: str) -> str:
     if metrics.get(key) is None:
         return "-"
     value = metrics[key]
-    std = metrics.get(f"{key}_bootstrap_std")
+    std = metrics.get(f"{key}_bootstrap_std", metrics.get(f"{key}_std"))  # bootstrap, or over seeds
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 

@@ -89,23 +89,44 @@ class _TrainExample:
         }
 
 
-class _EvalExample:
-    """Decode and preprocess one record for evaluation under ``crop_rounding``'s rule (``transforms``). The
-    image is read in its stored mode: torchvision's rule resizes it so, HF's converts it to RGB first."""
+class _ClassifierTrainExample:
+    """Decode and augment one record for an ImageNet-style classifier (``transforms.classifier_train_preprocess``),
+    with its ``text_embedding`` when the record has one."""
 
-    def __init__(self, image_size: int, skip_unreadable: bool, crop_rounding: str = "torchvision"):
+    def __init__(self, image_size: int, skip_unreadable: bool):
         self.image_size, self.skip_unreadable = image_size, skip_unreadable
-        self.crop_rounding = crop_rounding
+
+    def __call__(self, record, rng: np.random.Generator):
+        image = _read(record, self.skip_unreadable)
+        if image is None:
+            return None
+        out = {"image": transforms.classifier_train_preprocess(image, self.image_size, rng),
+               "label": np.int32(record["label"])}
+        if "text_embedding" in record:
+            out["text_embedding"] = np.asarray(record["text_embedding"], np.float32)
+        return out
+
+
+class _EvalExample:
+    """Decode and preprocess one record for evaluation: CLIP's preprocessing under ``crop_rounding``'s rule
+    (``transforms``; the image is read in its stored mode: torchvision's rule resizes it so, HF's converts it
+    to RGB first), or with ``preprocess="imagenet"`` a classifier's resize / center crop / ImageNet
+    normalization (``transforms.classifier_eval_preprocess``)."""
+
+    def __init__(self, image_size: int, skip_unreadable: bool, crop_rounding: str = "torchvision",
+                 preprocess: str = "clip", resize: int | None = None):
+        self.image_size, self.skip_unreadable = image_size, skip_unreadable
+        self.crop_rounding, self.preprocess, self.resize = crop_rounding, preprocess, resize
 
     def __call__(self, record):
         image = _read(record, self.skip_unreadable, in_stored_mode=True)
         if image is None:
             return None
-        return {
-            "image": transforms.clip_eval_preprocess(image, self.image_size, self.crop_rounding),
-            "label": np.int32(record["label"]),
-            "index": np.int64(record["index"]),
-        }
+        if self.preprocess == "imagenet":
+            pixels = transforms.classifier_eval_preprocess(image, self.image_size, self.resize)
+        else:
+            pixels = transforms.clip_eval_preprocess(image, self.image_size, self.crop_rounding)
+        return {"image": pixels, "label": np.int32(record["label"]), "index": np.int64(record["index"])}
 
 
 class _AugmentedExample:
@@ -228,6 +249,29 @@ def train_dataset(
                    skip_unreadable=skip_unreadable, workers=workers, prefetch=prefetch)
 
 
+def classifier_train_dataset(
+    source,
+    *,
+    image_size: int,
+    global_batch: int,
+    seed: int = 0,
+    skip_unreadable: bool = False,
+    workers: int = 0,
+    prefetch: int = 2,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Endless batches of {"image" [b, S, S, 3] float32 (ImageNet-normalized), "label" [b] int32, and
+    "text_embedding" [b, D] float32 when the source's records carry one} for this process (b = global
+    batch / process count): reshuffled every epoch, each image augmented by a random resized crop and
+    flip seeded by its position in the global stream. Resumable with ``get_state``/``set_state``."""
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(_ClassifierTrainExample(image_size, skip_unreadable), seed=seed)
+    ds = _shard(ds, shard_index, shard_count)
+    return _finish(ds, _per_process_batch(global_batch, shard_count), drop_remainder=True,
+                   skip_unreadable=skip_unreadable, workers=workers, prefetch=prefetch)
+
+
 def eval_dataset(
     source,
     *,
@@ -241,8 +285,13 @@ def eval_dataset(
     augment_seed: int | None = None,
     crop_scale: tuple[float, float] = (0.5, 1.0),
     crop_rounding: str = "torchvision",
+    preprocess: str = "clip",
+    resize: int | None = None,
 ) -> grain.IterDataset:
     """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short).
+
+    ``preprocess``: "clip" (CLIP's evaluation preprocessing) or "imagenet" (a classifier's: resize the
+    short side to ``resize``, default ``image_size / 0.875``, center crop, ImageNet normalization).
 
     ``crop_rounding``: the evaluation preprocessing's rule, "torchvision" (OpenAI's clip, open_clip) or
     "hf" (``CLIPImageProcessor``), see ``jaxgist.data.transforms``.
@@ -251,9 +300,11 @@ def eval_dataset(
     passes of few-shot caches (Tip-Adapter), one pass per seed.
     """
     transforms.check_crop_rounding(crop_rounding)
+    if preprocess not in ("clip", "imagenet"):
+        raise ValueError(f"preprocess={preprocess!r} is not 'clip' or 'imagenet'")
     ds = grain.MapDataset.source(source)
     if augment_seed is None:
-        ds = ds.map(_EvalExample(image_size, skip_unreadable, crop_rounding))
+        ds = ds.map(_EvalExample(image_size, skip_unreadable, crop_rounding, preprocess, resize))
     else:
         ds = ds.random_map(_AugmentedExample(image_size, crop_scale, skip_unreadable), seed=augment_seed)
     ds = _shard(ds, shard_index, shard_count)

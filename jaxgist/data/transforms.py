@@ -46,11 +46,19 @@ __all__ = [
     "random_resized_crop_box",
     "random_resized_crop_flip",
     "train_preprocess",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "classifier_train_preprocess",
+    "classifier_eval_preprocess",
 ]
 
 # OpenAI CLIP's normalization constants (RGB, on [0, 1] pixels).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+# torchvision's ImageNet normalization (classifiers trained on ImageNet: GPT4Image's ResNet and DeiT).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # Evaluation preprocessing rules (module docstring): torchvision's (OpenAI's clip, open_clip) and HF's.
 CROP_ROUNDINGS = ("torchvision", "hf")
@@ -62,11 +70,17 @@ _NORMALIZED = np.stack([((np.arange(256, dtype=np.float32) / np.float32(255.0)) 
                         for c in range(3)]).astype(np.float32)
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] (or float in [0, 1]) -> float32 CLIP-normalized pixels, same shape."""
+def normalize(images: np.ndarray, stats: str = "clip") -> np.ndarray:
+    """uint8 [..., H, W, 3] (or float in [0, 1]) -> float32 pixels normalized with CLIP's mean and std
+    (``stats="clip"``) or torchvision's ImageNet ones (``"imagenet"``), same shape."""
     images = np.asarray(images)
     if images.shape[-1] != 3:
         raise ValueError(f"expected RGB images with 3 channels last, got shape {images.shape}")
+    if stats == "imagenet":
+        x = images.astype(np.float32) / np.float32(255.0) if images.dtype == np.uint8 else images.astype(np.float32)
+        return (x - IMAGENET_MEAN) / IMAGENET_STD
+    if stats != "clip":
+        raise ValueError(f"stats={stats!r} is not 'clip' or 'imagenet'")
     if images.dtype == np.uint8:
         out = np.empty(images.shape, np.float32)
         for c in range(3):
@@ -214,8 +228,10 @@ def random_resized_crop_flip(
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: a random resized crop (bicubic), flipped with p = 1/2.
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: a random resized crop (bicubic, or ``resample``),
+    flipped with p = 1/2.
 
     Draws from `rng` in a fixed order (the crop box, then one uniform number for the flip), so the
     result is a function of the image and the generator's state.
@@ -223,7 +239,7 @@ def random_resized_crop_flip(
     image = _check_rgb_uint8(image)
     top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
     crop = Image.fromarray(image[top : top + h, left : left + w])
-    out = np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
+    out = np.asarray(crop.resize((size, size), resample))
     if rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
@@ -232,3 +248,31 @@ def random_resized_crop_flip(
 def train_preprocess(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [size, size, 3]: random resized crop, flip, CLIP normalization."""
     return normalize(random_resized_crop_flip(image, size, rng))
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet classifiers (torchvision's recipe, as GPT4Image's ResNet and DeiT code use it)
+# ---------------------------------------------------------------------------------------------
+
+
+def classifier_train_preprocess(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3]: torchvision's ``RandomResizedCrop(size)`` (bilinear,
+    its default), ``RandomHorizontalFlip()``, ImageNet normalization."""
+    return normalize(random_resized_crop_flip(image, size, rng, resample=Image.Resampling.BILINEAR), "imagenet")
+
+
+def classifier_eval_preprocess(image: np.ndarray | Image.Image, size: int = 224, resize: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] or a PIL image -> float32 [size, size, 3]: torchvision's ``Resize(resize)``
+    (short side, bilinear; default ``int(size / 0.875)``, 256 for 224), ``CenterCrop(size)`` (offsets
+    rounded as torchvision does), ImageNet normalization."""
+    resize = int(size / 0.875) if resize is None else int(resize)
+    if resize < size:
+        raise ValueError(f"resize={resize} is smaller than the crop size {size}")
+    if isinstance(image, Image.Image):
+        image = images_lib.to_rgb(image)
+    image = _check_rgb_uint8(image)
+    new_height, new_width = _shortest_edge_size(image.shape[0], image.shape[1], resize)
+    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    top = _crop_offset(new_height - size, "torchvision")
+    left = _crop_offset(new_width - size, "torchvision")
+    return normalize(resized[top : top + size, left : left + size], "imagenet")

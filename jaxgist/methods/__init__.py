@@ -19,6 +19,7 @@ REGISTRY = {
     "flip": "jaxgist.methods.flip",
     "gist": "jaxgist.methods.gist",
     "describe": "jaxgist.methods.describe",
+    "gpt4image": "jaxgist.methods.gpt4image",
 }
 
 

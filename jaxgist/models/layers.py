@@ -234,3 +234,16 @@ class Encoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             x = run(layer, constrain_activations(x), pool_index if i == last else None)
         return x
+
+
+def set_batchnorm_groups(module: nnx.Module, groups: int) -> int:
+    """Sets ``groups`` on every ``BatchNorm`` inside ``module`` (per-device statistics, see ``BatchNorm``);
+    returns how many there are."""
+    if int(groups) < 1:
+        raise ValueError(f"BatchNorm groups must be >= 1, got {groups}")
+    count = 0
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, BatchNorm):
+            m.groups = int(groups)
+            count += 1
+    return count

@@ -8,6 +8,9 @@
   with ``momentum``.
 - ``lr``, ``schedule`` (``"constant"``, ``"cosine"``, ``"linear"``: decay from ``lr`` to
   ``lr * final_lr_ratio`` at the last step), ``warmup_steps`` (linear from 0).
+- ``schedule_unit``: ``"step"`` (default) moves the learning rate every update; ``"epoch"`` holds it
+  for an epoch, as a PyTorch scheduler stepped once per epoch (``CosineAnnealingLR(T_max=epochs)``):
+  the schedule then counts epochs, ``warmup_steps`` included.
 - ``weight_decay``; ``decay_exclude``: a regex of parameter paths with no weight decay (e.g.
   ``r"(bias|scale|embedding|logit_scale)$"``); empty decays everything, as GIST does.
 - ``grad_clip_norm``: clip the global gradient norm (0: off).
@@ -37,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="adam", lr=1e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.001, decay_exclude="",
         momentum=0.9, schedule="constant", warmup_steps=0, final_lr_ratio=0.0, grad_clip_norm=0.0,
-        accumulate_steps=1, freeze="",
+        accumulate_steps=1, freeze="", schedule_unit="step",
     ))
 
 
@@ -66,6 +69,8 @@ def validate(c) -> None:
     """Raises ValueError naming the first bad ``config.optim`` value."""
     if c.name not in NAMES:
         raise ValueError(f"config.optim.name={c.name!r} is not one of {NAMES}")
+    if c.get("schedule_unit", "step") not in ("step", "epoch"):
+        raise ValueError(f"config.optim.schedule_unit={c.schedule_unit!r} is not 'step' or 'epoch'")
     if c.schedule not in SCHEDULES:
         raise ValueError(f"config.optim.schedule={c.schedule!r} is not one of {SCHEDULES}")
     if not c.lr > 0:
@@ -112,11 +117,17 @@ def frozen_names(params, c) -> list[str]:
     return [n for n in names if rx.search(n)]
 
 
-def make(c, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(c, params, total_steps: int, steps_per_epoch: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, learning-rate schedule) for ``params`` (a pytree; only its structure and path
-    names are used) from ``config.optim`` ``c``; ``total_steps`` counts optimizer updates."""
+    names are used) from ``config.optim`` ``c``; ``total_steps`` counts optimizer updates, of which
+    an epoch has ``steps_per_epoch`` (used with ``schedule_unit="epoch"``)."""
     validate(c)
-    lr = schedule(c, total_steps)
+    if c.get("schedule_unit", "step") == "epoch":
+        per_epoch = max(int(steps_per_epoch), 1)
+        by_epoch = schedule(c, -(-int(total_steps) // per_epoch))
+        lr = lambda step: by_epoch(step // per_epoch)  # noqa: E731
+    else:
+        lr = schedule(c, total_steps)
     decay_mask = _labels(params, c.decay_exclude, False, True) if c.decay_exclude else None
     if c.name == "adam":
         parts = [optax.add_decayed_weights(c.weight_decay, mask=decay_mask)] if c.weight_decay else []
