@@ -170,11 +170,14 @@ class Setup:
         models = {CLASSIFIER: classifier}
         if self.text_on:
             models[PROJECTION] = proj
-        if EMA in self.layout.graphdefs:
-            models[EMA] = classifier
         for m in models.values():
             layers.set_batchnorm_groups(m, self.bn_groups)
-        return self.layout.init(models)
+        if EMA not in self.layout.graphdefs:
+            return self.layout.init(models)
+        # the EMA starts as a copy of the classifier, in buffers of its own (the step donates both)
+        state = self.layout.init({**models, EMA: classifier})
+        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.layout.shardings.models[EMA])
+        return state.replace(models={**state.models, EMA: copy(state.models[CLASSIFIER])})
 
     def abstract_batch(self, global_batch: int, image_size: int, text_dim: int) -> dict:
         sharding = parallel.batch_sharding(self.mesh)

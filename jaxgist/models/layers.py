@@ -239,8 +239,8 @@ class Encoder(nnx.Module):
 def set_batchnorm_groups(module: nnx.Module, groups: int) -> int:
     """Sets ``groups`` on every ``BatchNorm`` inside ``module`` (per-device statistics, see ``BatchNorm``);
     returns how many there are."""
-    if int(groups) < 1:
-        raise ValueError(f"BatchNorm groups must be >= 1, got {groups}")
+    if int(groups) != groups or groups < 1:
+        raise ValueError(f"BatchNorm groups={groups!r} must be a positive integer")
     count = 0
     for _, m in nnx.iter_modules(module):
         if isinstance(m, BatchNorm):
