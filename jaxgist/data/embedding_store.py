@@ -129,7 +129,8 @@ class WithEmbeddings:
                                       f"description embedding, e.g. {_few(missing)}; rerun the description-embedding "
                                       f"job for these images")
         if dim is not None and store.dim != dim:
-            raise EmbeddingStoreError(f"{store.directory}: embeddings are {store.dim}-d, the model expects {dim}-d")
+            raise EmbeddingStoreError(f"{store.directory}: the embeddings are {store.dim}-d but the CLIP text tower "
+                                      f"(config.clip) gives {dim}-d vectors: a store written by another model")
         self.source, self.store = source, store
         self.class_names = source.class_names
 

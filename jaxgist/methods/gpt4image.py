@@ -201,6 +201,16 @@ def embed(config, workdir) -> dict:
     return {**figures, "store": directory}
 
 
+def _clip_embed_dim(config) -> int | None:
+    """The joint-embedding width of ``config.clip`` (what the store's vectors must have), or None when
+    it cannot be told without the checkpoint (a hub name, offline)."""
+    try:
+        return clip.config_from_model_config(config.clip).embed_dim
+    except (OSError, ValueError) as e:
+        logging.warning("gpt4image: cannot read the width of config.clip (%s); not checking the store's", e)
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +277,8 @@ def _setup(config, mesh, workdir, train_src, num_classes: int, text_dim: int, to
     bb = backbone(config.model.arch)
     abstract_classifier = nnx.eval_shape(lambda: make_classifier_abstract(config, num_classes))
     feature_dim = abstract_classifier.feature_dim
-    abstract_proj = nnx.eval_shape(lambda: make_projection(config, feature_dim, text_dim, seed=0))
+    abstract_proj = (nnx.eval_shape(lambda: make_projection(config, feature_dim, text_dim, seed=0))
+                     if config.gpt4image.text_loss else None)
     eps = float(config.gpt4image.label_smoothing)
 
     def smoothed(labels, images, key):
@@ -381,7 +392,7 @@ def train(config, workdir) -> dict:
             embed(config, workdir)
         store = embedding_store.EmbeddingStore(directory)
         text_dim = store.dim
-        source = embedding_store.WithEmbeddings(train_src, store)
+        source = embedding_store.WithEmbeddings(train_src, store, dim=_clip_embed_dim(config))
     total, per_epoch = _schedule(config, len(train_src))
     logging.info("gpt4image: %s, %d classes, %d train / %d minival / %d %s images, %d steps (%d per epoch) of %d, "
                  "text loss %s, mesh %s, %s", config.model.arch, num_classes, len(train_src), len(minival_src),
