@@ -147,15 +147,64 @@ class Conv2d(nnx.Module):
             if s > 1:
                 x = x[:, ::s, ::s]
             return (x.reshape(-1, cin) @ kernel.reshape(cin, cout)).reshape(*x.shape[:-1], cout)
-        pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-        return jax.lax.conv_general_dilated(x, kernel, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv_kxk(x, kernel, s)
+
+
+def _patches(x, kh: int, kw: int, stride: int):
+    """[B, Ho, Wo, kh * kw * C]: each output pixel's receptive field (PyTorch's padding ``k // 2``), in
+    the kernel's (kh, kw, in) order."""
+    ph, pw = kh // 2, kw // 2
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    ho = (x.shape[1] + 2 * ph - kh) // stride + 1
+    wo = (x.shape[2] + 2 * pw - kw) // stride + 1
+    return jnp.concatenate([xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _conv(x, kernel, stride: int):
+    kh, kw = kernel.shape[:2]
+    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_kxk(x, kernel, stride: int):
+    """A k x k convolution (PyTorch padding ``k // 2``) whose kernel gradient is one matmul of the input's
+    patches with the output gradient: XLA's CPU backward convolution for the kernel is 2-4x slower at
+    ResNet's early stages (the input gradient stays XLA's own)."""
+    return _conv(x, kernel, stride)
+
+
+def _conv_kxk_fwd(x, kernel, stride):
+    return _conv(x, kernel, stride), (x, kernel)
+
+
+def _conv_kxk_bwd(stride, saved, dy):
+    x, kernel = saved
+    kh, kw, cin, cout = kernel.shape
+    _, input_vjp = jax.vjp(lambda v: _conv(v, kernel, stride), x)
+    (dx,) = input_vjp(dy)  # dropped by XLA where nothing needs it (the image)
+    p = _patches(x, kh, kw, stride).reshape(-1, kh * kw * cin)
+    dk = (p.T @ dy.reshape(-1, cout)).reshape(kernel.shape)
+    return dx, dk.astype(kernel.dtype)
+
+
+conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
 def max_pool(x, size: int = 3, stride: int = 2, pad: int = 1):
-    """PyTorch's ``MaxPool2d(size, stride, pad)`` (floor mode): the border padded with -inf."""
-    # a Python scalar init (not an array) keeps reduce_window differentiable
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, stride, stride, 1),
-                                 ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    """PyTorch's ``MaxPool2d(size, stride, pad)`` (floor mode): the border padded with -inf. The maximum of
+    the window's shifted strided slices: its gradient is elementwise (XLA's CPU select-and-scatter,
+    ``reduce_window``'s, is 2-3x slower); ties (measure zero after a convolution) share the gradient."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+    ho = (x.shape[1] + 2 * pad - size) // stride + 1
+    wo = (x.shape[2] + 2 * pad - size) // stride + 1
+    out = None
+    for i in range(size):
+        for j in range(size):
+            win = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            out = win if out is None else jnp.maximum(out, win)
+    return out
 
 
 def _downsample(inplanes, outplanes, stride, conv, bn):
