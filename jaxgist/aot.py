@@ -101,6 +101,8 @@ def _unpartitioned_flops(job, config) -> float | None:
 
 
 def _model_name(model_config) -> str:
+    if model_config.get("arch"):
+        return str(model_config.arch)
     if model_config.get("init"):
         return str(model_config.init)
     preset = model_config.get("preset")

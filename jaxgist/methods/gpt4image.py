@@ -91,7 +91,7 @@ def family(arch: str) -> str:
     raise config_lib.ConfigError(f"config.model.arch={arch!r} is not one of {sorted(resnet.PRESETS) + sorted(deit.PRESETS)}")
 
 
-def validate(config, num_devices: int | None = None) -> None:
+def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:
     config_lib.check_keys(config, default_config(), free=("model.overrides", "clip.preset", "mesh", "sharding.rules",
                                                           "compare.seeds"))
     clip.check_model_config(config.clip)
@@ -129,7 +129,28 @@ def validate(config, num_devices: int | None = None) -> None:
         parallel.parse_mesh(config.mesh, jax.device_count() if num_devices is None else num_devices)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    datasets.validate(config.data)
+    if check_data:
+        datasets.validate(config.data)
+
+
+def compile_inputs(config, mesh):
+    """(jitted train step, abstract (state, batch), numerics) for ahead-of-time compilation
+    (``python -m jaxgist.aot``): ``model.num_classes`` classes (0: ImageNet's 1000) and text embeddings
+    of ``config.clip``'s width (1024 when it cannot be read offline). Reads no data."""
+    import types
+
+    validate(config, num_devices=mesh.size, check_data=False)
+    dp = parallel.data_size(mesh)
+    config_lib.require(config.train.global_batch % dp == 0, f"config.train.global_batch={config.train.global_batch} "
+                       f"is not divisible by the {dp} data-parallel devices of mesh {dict(mesh.shape)}")
+    num_classes = config.model.num_classes or 1000
+    text_dim = (_clip_embed_dim(config) or 1024) if config.gpt4image.text_loss else 0
+    per_epoch = 1000
+    setup, _ = _setup(config, mesh, num_classes, text_dim, config.train.steps or 100 * per_epoch, per_epoch)
+    batch = setup.abstract_batch(config.train.global_batch, config.data.image_size, text_dim)
+    numerics = types.SimpleNamespace(param_dtype=_DTYPES[config.model.param_dtype], dtype=_DTYPES[config.model.dtype],
+                                     remat=bool(config.model.remat))
+    return setup.step, (setup.abstract_state, batch), numerics
 
 
 def run(config, workdir: str) -> dict:
@@ -225,7 +246,8 @@ def backbone(arch: str) -> gpt4image_step.Backbone:
 
 def _model_kwargs(config, num_classes: int) -> dict:
     m = config.model
-    kw = dict(num_classes=num_classes, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], **dict(m.overrides))
+    kw = dict(num_classes=num_classes, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+              image_size=config.data.image_size, **dict(m.overrides))
     if family(m.arch) == "deit":
         kw["drop_path"] = m.drop_path
     if m.remat:
@@ -273,7 +295,7 @@ def _schedule(config, num_train: int) -> tuple[int, int]:
     return (config.train.steps or config.train.epochs * per_epoch), per_epoch
 
 
-def _setup(config, mesh, workdir, train_src, num_classes: int, text_dim: int, total: int, per_epoch: int):
+def _setup(config, mesh, num_classes: int, text_dim: int, total: int, per_epoch: int):
     bb = backbone(config.model.arch)
     abstract_classifier = nnx.eval_shape(lambda: make_classifier_abstract(config, num_classes))
     feature_dim = abstract_classifier.feature_dim
@@ -399,7 +421,7 @@ def train(config, workdir) -> dict:
                  len(test_src), config.data.eval_split, total, per_epoch, config.train.global_batch,
                  f"on (lambda {config.gpt4image.lamb}, tau {config.gpt4image.tau}, {config.gpt4image.text_loss_scale})"
                  if text_on else "off", dict(mesh.shape), jax.devices()[0].device_kind)
-    setup, feature_dim = _setup(config, mesh, workdir, train_src, num_classes, text_dim, total, per_epoch)
+    setup, feature_dim = _setup(config, mesh, num_classes, text_dim, total, per_epoch)
     ckpt = checkpointer(config, workdir, per_epoch)
     data_iter = iter(pipeline.classifier_train_dataset(
         source, image_size=config.data.image_size, global_batch=config.train.global_batch, seed=config.seed,
@@ -495,7 +517,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
     if config.gpt4image.text_loss:
         text_dim = embedding_store.EmbeddingStore(store_dir(config, workdir)).dim
     total, per_epoch = _schedule(config, len(train_src))
-    setup, _ = _setup(config, mesh, workdir, train_src, num_classes, text_dim, total, per_epoch)
+    setup, _ = _setup(config, mesh, num_classes, text_dim, total, per_epoch)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
     try:
         step = ckpt.saved_step(config.evaluate.step)
