@@ -301,15 +301,8 @@ def _setup(config, mesh, num_classes: int, text_dim: int, total: int, per_epoch:
     feature_dim = abstract_classifier.feature_dim
     abstract_proj = (nnx.eval_shape(lambda: make_projection(config, feature_dim, text_dim, seed=0))
                      if config.gpt4image.text_loss else None)
-    eps = float(config.gpt4image.label_smoothing)
-
-    def smoothed(labels, images, key):
-        return images, jax.nn.one_hot(labels, num_classes) * (1.0 - eps) + eps / num_classes
-
-    targets_fn = smoothed if eps else None
     return gpt4image_step.build(config, mesh, total, abstract_classifier=abstract_classifier,
-                                abstract_projection=abstract_proj, backbone=bb, steps_per_epoch=per_epoch,
-                                targets_fn=targets_fn), feature_dim
+                                abstract_projection=abstract_proj, backbone=bb, steps_per_epoch=per_epoch), feature_dim
 
 
 def make_classifier_abstract(config, num_classes: int):

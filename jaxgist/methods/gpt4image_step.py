@@ -67,11 +67,14 @@ def text_loss(z, e, tau: float):
                   + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
 
-def cross_entropy(logits, targets):
-    """Mean cross-entropy against integer labels [B] or soft targets [B, C]."""
+def cross_entropy(logits, targets, label_smoothing: float = 0.0):
+    """Mean cross-entropy against integer labels [B] or soft targets [B, C]; ``label_smoothing`` mixes
+    integer labels with the uniform distribution (timm's ``LabelSmoothingCrossEntropy``)."""
     logits = logits.astype(jnp.float32)
-    if targets.ndim == 1:
+    if targets.ndim == 1 and not label_smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    if targets.ndim == 1:
+        targets = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
@@ -103,9 +106,10 @@ def ema_update(ema: nnx.State, new: nnx.State, decay: float) -> nnx.State:
 
 
 def make_step_fn(layout: train_state.Layout, backbone: Backbone, lr_schedule: optax.Schedule, *, text_on: bool,
-                 weight: float, tau: float, ema_decay: float, targets_fn=None, seed: int = 0):
+                 weight: float, tau: float, ema_decay: float, label_smoothing: float = 0.0, targets_fn=None,
+                 seed: int = 0):
     """The pure step ``(state, batch) -> (state, metrics)``. ``targets_fn(labels, images, key)`` ->
-    (images, targets) applies label smoothing / mixup (None: hard labels)."""
+    (images, soft targets) mixes images (mixup / cutmix; None: the batch as it is)."""
     base_key = jax.random.key(seed)
 
     def loss_fn(params, rests, batch, key):
@@ -117,7 +121,7 @@ def make_step_fn(layout: train_state.Layout, backbone: Backbone, lr_schedule: op
             images, targets = targets_fn(batch["label"], images, aug_key)
         feats = backbone.features(model, images, nnx.Rngs(dropout=drop_key))
         logits = backbone.classify(model, feats)
-        ce = cross_entropy(logits, targets)
+        ce = cross_entropy(logits, targets, label_smoothing)
         new_rests = {CLASSIFIER: nnx.state(model, nnx.Not(nnx.Param))}
         aux = {"ce_loss": ce, "logits": logits}
         loss = ce
@@ -228,7 +232,8 @@ def build(config, mesh: Mesh, total_steps: int, *, abstract_classifier, abstract
         batch_shardings["text_embedding"] = batch_sharding
     step = jax.jit(
         make_step_fn(layout, backbone, lr, text_on=text_on, weight=text_weight(g.text_loss_scale, g.lamb), tau=g.tau,
-                     ema_decay=float(g.ema_decay), targets_fn=targets_fn, seed=int(config.seed)),
+                     ema_decay=float(g.ema_decay), label_smoothing=float(g.label_smoothing), targets_fn=targets_fn,
+                     seed=int(config.seed)),
         in_shardings=(layout.shardings, batch_shardings),
         out_shardings=(layout.shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),

@@ -210,3 +210,68 @@ def test_text_weight_and_loss():
     z = jnp.eye(4)
     # aligned pairs score below shuffled ones
     assert float(gpt4image_step.text_loss(z, z, 0.2)) < float(gpt4image_step.text_loss(z, z[::-1], 0.2))
+
+
+def test_deit_adamw_step_with_label_smoothing_matches_pytorch():
+    """DeiT's recipe: AdamW with no weight decay on biases, norms, class token and position embedding,
+    label smoothing 0.1, tau 0.05, the projection Linear-ReLU-Linear (drop-path off: its draws differ)."""
+    from jaxgist.models import deit
+    from tests.models.test_deit import torch_vit
+
+    ref = torch_vit(seed=1, classes=CLASSES).train()
+    ours = deit.from_timm_state_dict({k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}, heads=4)
+    proj = projection.ProjectionMLP.for_deit(ours.feature_dim, TEXT_DIM, rngs=nnx.Rngs(2))
+    tproj = torch.nn.Sequential(torch.nn.Linear(ours.feature_dim, 2 * TEXT_DIM), torch.nn.ReLU(),
+                                torch.nn.Linear(2 * TEXT_DIM, TEXT_DIM))
+    names = projection.torch_names(batchnorm=False)
+    sd = {}
+    for path, key in names.items():
+        module, leaf = path.split(".")
+        value = np.array(getattr(getattr(proj, module), leaf)[...])
+        sd[key.replace("proj_layer.", "")] = torch.from_numpy(value.T.copy() if leaf == "kernel" else value)
+    tproj.load_state_dict(sd)
+    decay, no_decay = [], []
+    for name, p in list(ref.named_parameters()) + [(f"proj.{n}", p) for n, p in tproj.named_parameters()]:
+        (no_decay if p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    data = batches(seed=5)
+    for b in data:
+        x = torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy())
+        h = ref.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        h = torch.cat([ref.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + ref.pos_embed
+        for block in ref.blocks:
+            h = block(h)
+        feat = ref.norm(h)[:, 0]
+        ce = F.cross_entropy(ref.head(feat), torch.from_numpy(b["label"]).long(), label_smoothing=0.1)
+        tl = clip_loss(tproj(feat), torch.from_numpy(b["text_embedding"]), 0.05)
+        opt.zero_grad()
+        (ce + 0.3 * tl).backward()
+        opt.step()
+    c = gpt4image.default_config()
+    c.optim.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, schedule="constant",
+                        decay_exclude=r"(bias|scale|cls_token|pos_embed)$", schedule_unit="step"))
+    c.gpt4image.update(dict(lamb=0.3, tau=0.05, label_smoothing=0.1))
+    mesh = parallel.make_mesh((("data", 1),), devices=jax.devices()[:1])
+    setup = gpt4image_step.build(c, mesh, 10, abstract_classifier=nnx.eval_shape(lambda: ours),
+                                 abstract_projection=nnx.eval_shape(lambda: proj), backbone=gpt4image.backbone("deit_b"))
+    with jax.set_mesh(mesh):
+        state = setup.init_state(ours, proj)
+    for b in data:
+        state, metrics = setup.step(state, {k: jax.device_put(v) for k, v in b.items()})
+    assert abs(float(metrics["ce_loss"]) - float(ce)) < 1e-5
+    got = {f"model.{k}": v for k, v in deit.to_timm_state_dict(setup.model(state)).items()}
+    p = setup.model(state, gpt4image_step.PROJECTION)
+    for path, key in names.items():
+        module, leaf = path.split(".")
+        value = np.asarray(getattr(getattr(p, module), leaf)[...])
+        got[key.replace("proj_layer", "proj")] = value.T if leaf == "kernel" else value
+    theirs = flat_torch(ref, tproj)
+    # The key bias (the middle third of qkv.bias) has an exactly zero gradient (softmax ignores a shift
+    # shared by every key); Adam turns each framework's float noise there into steps of up to lr. The
+    # q and v thirds are compared; the k third only moves within 2 steps of lr.
+    for k in [k for k in got if k.endswith("attn.qkv.bias")]:
+        d = got[k].shape[0] // 3
+        assert np.abs(got[k][d:2 * d] - theirs[k][d:2 * d]).max() <= 2 * 2e-3
+        got[k], theirs[k] = np.delete(got[k], np.s_[d:2 * d]), np.delete(theirs[k], np.s_[d:2 * d])
+    assert_close(got, theirs)
