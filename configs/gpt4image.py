@@ -16,7 +16,9 @@ Arguments (comma-separated, ``configs/gpt4image.py:<arg>,<arg>``):
                   (4 GPUs x 256), RandomResizedCrop + flip, lambda 0.3, tau 0.2, per-device BatchNorm.
   model=deit_b    DeiT-B/16: AdamW 5e-4 x batch/512, weight decay 0.05 (not on biases, norms, class
                   token, position embedding), 5 warm-up epochs, 300 epochs, batch 1024 (8 x 128),
-                  drop-path 0.1, label smoothing 0.1, EMA 0.99996, lambda 0.3, tau 0.05.
+                  drop-path 0.1, label smoothing 0.1, mixup 0.8 / cutmix 1.0 (text targets not mixed),
+                  EMA 0.99996, lambda 0.3, tau 0.05. Not yet: RandAugment, random erasing, repeated
+                  augmentation, timm's warm-up from 1e-6.
   baseline        the same recipe without the text loss (the paper's baseline).
   runlocal        a tiny ResNet and a tiny random CLIP on generated birds: a CPU smoke run in seconds.
   demo            runlocal-sized, trained with and without the text loss for 3 seeds each
@@ -63,7 +65,7 @@ def _deit_b(c):
     c.optim.update(dict(name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                         decay_exclude=r"(bias|scale|cls_token|pos_embed)$", schedule="cosine",
                         final_lr_ratio=1e-5 / lr, warmup_steps=5, schedule_unit="epoch"))
-    c.gpt4image.update(dict(tau=0.05, lamb=0.3, ema_decay=0.99996, label_smoothing=0.1))
+    c.gpt4image.update(dict(tau=0.05, lamb=0.3, ema_decay=0.99996, label_smoothing=0.1, mixup=0.8, cutmix=1.0))
 
 
 def _runlocal(c):

@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.clip.update(dict(batch=256, part_size=4096))
     c.gpt4image = ml_collections.ConfigDict(dict(
         text_loss=True, lamb=0.3, tau=0.2, text_loss_scale="global", bn_sync=False, bn_groups=0, ema_decay=0.0,
-        label_smoothing=0.0, descriptions="", embeddings=""))
+        label_smoothing=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, descriptions="", embeddings=""))
     c.data = datasets.default_config()
     c.data.update(dict(source="folder", train_split="train", eval_split="val", image_size=224, eval_resize=0,
                        minival_fraction=0.01, eval_batch=250))
@@ -109,6 +109,8 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     req(g.bn_groups >= 0, f"config.gpt4image.bn_groups={g.bn_groups} must be >= 0 (0: one per data-parallel device)")
     req(0.0 <= g.ema_decay < 1.0, f"config.gpt4image.ema_decay={g.ema_decay} must be in [0, 1)")
     req(0.0 <= g.label_smoothing < 1.0, f"config.gpt4image.label_smoothing={g.label_smoothing} must be in [0, 1)")
+    req(g.mixup >= 0 and g.cutmix >= 0, "config.gpt4image.mixup and config.gpt4image.cutmix (Beta alphas) must be >= 0")
+    req(0.0 <= g.mixup_switch_prob <= 1.0, f"config.gpt4image.mixup_switch_prob={g.mixup_switch_prob} must be in [0, 1]")
     t = config.train
     req(t.global_batch >= 1, f"config.train.global_batch={t.global_batch} must be >= 1")
     req(t.steps >= 0 and t.epochs >= 0 and (t.steps > 0 or t.epochs > 0),
@@ -302,7 +304,8 @@ def _setup(config, mesh, num_classes: int, text_dim: int, total: int, per_epoch:
     abstract_proj = (nnx.eval_shape(lambda: make_projection(config, feature_dim, text_dim, seed=0))
                      if config.gpt4image.text_loss else None)
     return gpt4image_step.build(config, mesh, total, abstract_classifier=abstract_classifier,
-                                abstract_projection=abstract_proj, backbone=bb, steps_per_epoch=per_epoch), feature_dim
+                                abstract_projection=abstract_proj, backbone=bb, steps_per_epoch=per_epoch,
+                                num_classes=num_classes), feature_dim
 
 
 def make_classifier_abstract(config, num_classes: int):

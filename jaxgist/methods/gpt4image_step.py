@@ -86,6 +86,46 @@ def topk_correct(logits, labels, k: int):
     return jnp.sum(beats, axis=1) < k
 
 
+def mixup_cutmix(mixup_alpha: float, cutmix_alpha: float, switch_prob: float, label_smoothing: float,
+                 num_classes: int):
+    """timm's ``Mixup`` in its "batch" mode with probability 1, as a ``targets_fn(labels, images, key)``:
+    each batch is mixed with itself reversed, by cutmix (with probability ``switch_prob`` when both are
+    on; lambda ~ Beta(cutmix_alpha, cutmix_alpha), a box of area 1 - lambda pasted, lambda then set to
+    the box's true share) or by mixup (lambda ~ Beta(mixup_alpha, mixup_alpha)); targets are the same mix
+    of the two label-smoothed one-hots. The reference mixes within each GPU's batch; here the global
+    batch is reversed (the same distribution of pairs). Text embeddings are not mixed."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+
+    def targets_fn(labels, images, key):
+        k_switch, k_lam, k_y, k_x = jax.random.split(key, 4)
+        b, h, w = images.shape[:3]
+        if mixup_alpha > 0 and cutmix_alpha > 0:
+            use_cutmix = jax.random.uniform(k_switch) < switch_prob
+        else:
+            use_cutmix = jnp.asarray(cutmix_alpha > 0)
+        lam_mix = jax.random.beta(k_lam, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3))
+        lam_cut = jax.random.beta(k_lam, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3))
+        # cutmix box (timm's rand_bbox): side ratio sqrt(1 - lam), centre uniform, clipped to the image
+        ratio = jnp.sqrt(1.0 - lam_cut)
+        cut_h, cut_w = (h * ratio).astype(jnp.int32), (w * ratio).astype(jnp.int32)
+        cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+        y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+        x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+        rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [H, W]
+        lam_box = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+        flipped = images[::-1]
+        cut = jnp.where(box[None, :, :, None], flipped, images)
+        mixed = lam_mix * images + (1.0 - lam_mix) * flipped
+        images = jnp.where(use_cutmix, cut, mixed.astype(images.dtype))
+        lam = jnp.where(use_cutmix, lam_box, lam_mix)
+        soft = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        return images, lam * soft + (1.0 - lam) * soft[::-1]
+
+    return targets_fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     """How the step calls a classifier family: ``features(model, images, rngs)`` -> [B, D] and
@@ -195,6 +235,10 @@ class Setup:
         return self.layout.merge(state, name)
 
 
+def _num_classes(model) -> int:
+    return int(getattr(model, "config").num_classes)
+
+
 def bn_groups(config, mesh: Mesh) -> int:
     g = config.gpt4image
     if g.bn_sync:
@@ -203,13 +247,15 @@ def bn_groups(config, mesh: Mesh) -> int:
 
 
 def build(config, mesh: Mesh, total_steps: int, *, abstract_classifier, abstract_projection, backbone: Backbone,
-          steps_per_epoch: int = 1, targets_fn=None) -> Setup:
+          steps_per_epoch: int = 1, num_classes: int | None = None) -> Setup:
     """Optimizers, layout and the jitted step on ``mesh``, from abstract models (no parameters are
     created). The learning rate follows ``config.optim`` by step, or by epoch with
     ``optim.schedule_unit="epoch"`` (PyTorch schedulers stepped once per epoch, as the reference's)."""
     g = config.gpt4image
     text_on = bool(g.text_loss)
     groups = bn_groups(config, mesh)
+    targets_fn = mixup_cutmix(g.mixup, g.cutmix, g.mixup_switch_prob, g.label_smoothing,
+                              num_classes or _num_classes(abstract_classifier))
     models = {CLASSIFIER: abstract_classifier}
     axes = {CLASSIFIER: backbone.logical_axes}
     if text_on:

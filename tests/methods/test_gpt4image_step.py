@@ -275,3 +275,23 @@ def test_deit_adamw_step_with_label_smoothing_matches_pytorch():
         assert np.abs(got[k][d:2 * d] - theirs[k][d:2 * d]).max() <= 2 * 2e-3
         got[k], theirs[k] = np.delete(got[k], np.s_[d:2 * d]), np.delete(theirs[k], np.s_[d:2 * d])
     assert_close(got, theirs)
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(6, 16, 16, 3)).astype(np.float32))
+    labels = jnp.asarray([0, 1, 2, 3, 4, 0])
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        fn = gpt4image_step.mixup_cutmix(mixup, cutmix, 0.5, 0.1, 5)
+        for seed in range(4):
+            mixed, targets = fn(labels, images, jax.random.key(seed))
+            targets = np.asarray(targets)
+            np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+            # lambda read back from the targets of image 1 (label 1, partner image 4 with label 4)
+            lam = (targets[1, 1] - 0.1 / 5) / 0.9
+            if mixup:
+                np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], atol=1e-5)
+            else:  # the pasted box covers exactly 1 - lambda of every image
+                pasted = np.mean(np.all(np.asarray(mixed)[1] == np.asarray(images)[4], axis=-1))
+                assert pasted == pytest.approx(1 - lam, abs=1e-6)
+    assert gpt4image_step.mixup_cutmix(0.0, 0.0, 0.5, 0.1, 5) is None
