@@ -8,7 +8,8 @@ embedding of a description of each training image (huawei-noah/Efficient-Computi
 nothing is selected on it; ``minival``, 1% of the training images, is). ``gpt4image.descriptions`` is a
 JSON ``{"<class>/<file>": "description"}`` (the ``describe`` job's ``image_descriptions.json``, or the
 published MiniGPT-4 descriptions converted to it); the job encodes them with CLIP RN50 first.
-TFDS instead: ``--config.data.source=tfds --config.data.tfds_name=imagenet2012``.
+TFDS instead (array_record, no TensorFlow): ``--config.data.source=tfds --config.data.tfds_name=imagenet2012
+--config.data.eval_split=validation``; description keys are then TFDS file names ("n01440764_10026.JPEG").
 
 Arguments (comma-separated, ``configs/gpt4image.py:<arg>,<arg>``):
   model=resnet50  (default) the reference's ResNet-50 recipe: SGD momentum 0.9, lr 0.1 x batch/256,

@@ -119,6 +119,9 @@ DATASETS: dict[str, TfdsLayout] = {
     # "id" is the file name without ".jpg" ("00001", versions >= 2.1.0). Train and test images reuse
     # the same numbers, so the filename keeps the release's folder: "cars_train/00001.jpg".
     "cars196": TfdsLayout(file_name="id", file_name_format="cars_{split}/{name}.jpg"),
+    # "file_name" is the archive's name, "n01440764_10026.JPEG" (train) or "ILSVRC2012_val_00000001.JPEG"
+    # (validation); class names are the WordNet ids ("n01440764").
+    "imagenet2012": TfdsLayout(file_name="file_name"),
 }
 
 

@@ -1,5 +1,5 @@
 """TFDS sources: record layout, class names, captions join, errors, pickling and grain pipelines for
-caltech_birds2011, oxford_flowers102 and cars196.
+caltech_birds2011, oxford_flowers102, cars196 and imagenet2012.
 
 The datasets are tiny but real: each is prepared in a temporary data_dir, in array_record format,
 by the dataset's own TFDS builder with only its example generation replaced (the features, and so
@@ -30,7 +30,7 @@ from jaxgist.data.tfds_source import TfdsLayout, TfdsSource, match_caption_keys,
 from jaxgist.models.clip import tokenizer
 
 CUB = tfds_source._CUB_CLASSES
-NAMES = ("caltech_birds2011", "oxford_flowers102", "cars196")
+NAMES = ("caltech_birds2011", "oxford_flowers102", "cars196", "imagenet2012")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +132,25 @@ def cars(rng):
     return out
 
 
+def imagenet(rng):
+    out = {}
+    for split, n in (("train", 4), ("validation", 3)):
+        exs = []
+        for k in range(n):
+            label = (0, 999, 417)[k % 3]
+            name = (f"n{label:08d}_{k}.JPEG" if split == "train" else f"ILSVRC2012_val_{k + 1:08d}.JPEG")
+            pixels = draw(rng)
+            exs.append({"image": encode(pixels), "label": label, "file_name": name})
+            EXPECTED.setdefault("imagenet2012", {}).setdefault(split, {})[name] = (label, pixels)
+        out[split] = exs
+    return out
+
+
 _rng = np.random.default_rng(0)
 EXAMPLES = {"caltech_birds2011": (caltech_birds.CaltechBirds2011, birds(_rng)),
             "oxford_flowers102": (flowers_builder.Builder, flowers(_rng)),
-            "cars196": (cars196.Cars196, cars(_rng))}
+            "cars196": (cars196.Cars196, cars(_rng)),
+            "imagenet2012": (tfds.builder_cls("imagenet2012"), imagenet(_rng))}
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +209,16 @@ def test_class_names_are_readable():
 
 
 def test_class_names_of_each_dataset(data_dir):
-    birds_src, flowers_src, cars_src = (TfdsSource(n, "test", data_dir=data_dir) for n in NAMES)
+    birds_src, flowers_src, cars_src = (TfdsSource(n, "test", data_dir=data_dir) for n in NAMES[:3])
     assert birds_src.num_classes == 200 and len(set(birds_src.class_names)) == 200
     assert birds_src.class_names[0] == "Black footed Albatross"
     assert birds_src.class_names[199] == "Common Yellowthroat"
     assert flowers_src.num_classes == 102 and flowers_src.class_names[0] == "pink primrose"
     assert flowers_src.class_names[59] == "pink-yellow dahlia"
     assert cars_src.num_classes == 196 and cars_src.class_names[0] == "AM General Hummer SUV 2000"
+    imagenet_src = TfdsSource("imagenet2012", "validation", data_dir=data_dir)
+    assert imagenet_src.num_classes == 1000 and imagenet_src.class_names[0] == "n01440764"
+    assert imagenet_src.filenames[0] == "ILSVRC2012_val_00000001.JPEG" and imagenet_src[0]["split"] == "val"
     assert cars_src.class_names[-1] == "smart fortwo Convertible 2012"
 
 
@@ -352,7 +370,7 @@ def test_captions_need_file_names(data_dir, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_unknown_dataset_lists_the_supported_ones(data_dir):
-    supported = "caltech_birds2011, cars196, oxford_flowers102"
+    supported = "caltech_birds2011, cars196, imagenet2012, oxford_flowers102"
     with pytest.raises(ValueError, match=f"'mnist' is not supported; supported: {supported}"):
         TfdsSource("mnist", "train", data_dir=data_dir)
 
@@ -404,7 +422,7 @@ def test_grain_reads_it_in_any_order(data_dir):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_dataset_runs_on_it(data_dir, name):
-    src = TfdsSource(name, "test", data_dir=data_dir)
+    src = TfdsSource(name, "validation" if name == "imagenet2012" else "test", data_dir=data_dir)
     batches = list(pipeline.eval_dataset(src, image_size=32, batch_size=4))
     assert [len(b["label"]) for b in batches] == [min(4, len(src) - i) for i in range(0, len(src), 4)]
     for b in batches:
