@@ -34,6 +34,7 @@ def runlocal(synthetic_dir, **edits):
     return c
 
 
+@pytest.mark.slow
 def test_training_writes_final_and_minival_chosen_epochs_and_evaluate_agrees(tmp_path, synthetic_dir):
     c = runlocal(synthetic_dir, gpt4image__ema_decay=0.5)
     out = gpt4image.run(c, str(tmp_path))["gpt4image"]
@@ -73,6 +74,7 @@ _TINY = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=
              text=dict(context_length=77, width=32, layers=2, heads=2, mlp_dim=64), embed_dim=16)
 
 
+@pytest.mark.slow
 def test_store_is_keyed_by_name_and_resumes_from_its_parts(tmp_path, shared_data):
     model = clip.create(clip.resolve_config(_TINY), seed=3)
     tokenize = tokenizer_lib.load(str(shared_data / "clip_tokenizer"))

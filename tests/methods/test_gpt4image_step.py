@@ -108,6 +108,7 @@ def assert_close(ours, theirs, tol=1e-5):
     assert worst[0] < tol, worst
 
 
+@pytest.mark.slow
 def test_one_device_steps_match_pytorch():
     ref, ours, proj = models()
     data = batches()
@@ -128,6 +129,7 @@ def test_one_device_steps_match_pytorch():
     assert_close(flat_ours(setup, state), flat_torch(ref, tproj))
 
 
+@pytest.mark.slow
 def test_reference_scale_and_per_device_batchnorm_match_a_two_gpu_ddp_run():
     """The reference on 2 GPUs: each rank normalizes its half with its own BatchNorm statistics, its
     text loss sees the other rank's features without gradient, DDP averages the gradients. Ours, on
@@ -182,6 +184,7 @@ def test_reference_scale_and_per_device_batchnorm_match_a_two_gpu_ddp_run():
         assert_close(flat_ours(setup, state), theirs, tol=2e-5)
 
 
+@pytest.mark.slow
 def test_one_eight_and_four_by_two_devices_give_the_same_state():
     data = batches(seed=2, size=64)  # BatchNorm statistics over 4 images x 2x2 positions at the last stage
     c = config(bn_groups=2, ema_decay=0.5)
@@ -212,6 +215,7 @@ def test_text_weight_and_loss():
     assert float(gpt4image_step.text_loss(z, z, 0.2)) < float(gpt4image_step.text_loss(z, z[::-1], 0.2))
 
 
+@pytest.mark.slow
 def test_deit_adamw_step_with_label_smoothing_matches_pytorch():
     """DeiT's recipe: AdamW with no weight decay on biases, norms, class token and position embedding,
     label smoothing 0.1, tau 0.05, the projection Linear-ReLU-Linear (drop-path off: its draws differ)."""
@@ -277,6 +281,7 @@ def test_deit_adamw_step_with_label_smoothing_matches_pytorch():
     assert_close(got, theirs)
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_mix_images_and_targets_alike():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(6, 16, 16, 3)).astype(np.float32))

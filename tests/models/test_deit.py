@@ -130,6 +130,7 @@ def torch_logits(module, x):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_vit_parity():
     ref, config = hf_vit()
     x = pixels()
@@ -203,6 +204,7 @@ def test_deit_file_with_model_wrapper_loads_by_path_and_by_name(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_timm_round_trip_is_identical():
     model = deit.create(TINY, seed=3)
     sd = deit.to_timm_state_dict(model)
@@ -336,6 +338,7 @@ def test_model_drops_residual_branches_per_sample():
     assert abs(dropped.mean() - r) < 0.08  # 7 standard deviations (0.011), and the seed is fixed
 
 
+@pytest.mark.slow
 def test_remat_recomputes_blocks_with_the_same_random_draws():
     """Rematerialized blocks take their keys as arguments: training mode gives the same outputs, and
     the backward pass (``jax.checkpoint``) recomputes the same drop-path masks."""
@@ -415,6 +418,7 @@ def test_missing_files_and_unreachable_names_say_which(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_logical_axes_cover_deit_b_and_shard_over_fsdp():
     from jax.sharding import PartitionSpec as P
 

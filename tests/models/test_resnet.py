@@ -217,6 +217,7 @@ def test_full_size_resnet50_matches():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_round_trip_and_torch_accepts_the_state_dict():
     model = resnet.create(TINY, seed=1)
     sd = resnet.to_torchvision_state_dict(model)
@@ -318,6 +319,7 @@ def test_presets_and_torchvision_init():
         resnet.create("resnet50", block="wide")
 
 
+@pytest.mark.slow
 def test_logical_axes_cover_resnet50_and_shard_over_eight_devices():
     from jaxgist.training import parallel
 
