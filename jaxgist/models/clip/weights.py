@@ -27,6 +27,7 @@ from flax import nnx
 from jaxgist.models.clip import pretrained
 from jaxgist.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract
 from jaxgist.models.clip.resnet import ResNetConfig
+from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched  # noqa: F401
 from jaxgist.models.layers import ACTIVATIONS
 
 # OpenAI model names, as `clip.load` spells them, to their HF hub copies.
@@ -40,10 +41,6 @@ OPENAI_HUB_NAMES = {
 # Checkpoint keys that are buffers, not parameters.
 IGNORED_HF_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.position_ids$|\.num_batches_tracked$")
 IGNORED_OPENAI_KEYS = {"input_resolution", "context_length", "vocab_size"}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not match the model; the message lists every problem."""
 
 
 class UnknownActivation(CheckpointMismatchError):
@@ -88,15 +85,6 @@ def _flat_params(model: CLIP) -> dict[str, Any]:
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def _as_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
 def from_hf_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> CLIP:
     """Builds a CLIP of config ``cfg`` from an HF-named state dict (numpy or torch arrays; a ResNet
     tower's keys are OpenAI's under ``vision_model.``).
@@ -117,7 +105,7 @@ def from_hf_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any], *, source
             leaves.append((path, var))
             continue
         used.add(key)
-        raw = _as_numpy(state_dict[key])
+        raw = as_numpy(state_dict[key])
         value = hf_to_ours(name, raw)
         if tuple(value.shape) != tuple(var.shape):
             expected = ours_to_hf(name, np.empty(var.shape, np.int8)).shape
@@ -127,13 +115,7 @@ def from_hf_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any], *, source
         dtype = jnp.float32 if isinstance(var, nnx.BatchStat) else cfg.param_dtype
         leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
     unexpected = sorted(k for k in state_dict if k not in used and not IGNORED_HF_KEYS.match(k))
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the CLIP model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title} key(s):")
-                lines.extend(f"    {k}" for k in items)
-        raise CheckpointMismatchError("\n".join(lines))
+    raise_if_mismatched(source, "the CLIP model", missing, unexpected, mismatched)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -250,7 +232,7 @@ def openai_to_hf(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in sd.items():
         if key in IGNORED_OPENAI_KEYS or key.endswith(".num_batches_tracked"):
             continue
-        value = _as_numpy(value)
+        value = as_numpy(value)
         if resnet and key.startswith("visual."):
             out["vision_model." + key[len("visual."):]] = value
         elif key in _OPENAI_TOP:
@@ -286,7 +268,7 @@ def config_from_openai(sd: Mapping[str, Any], *, act: str = "quick_gelu", vision
     absent = [k for k in need if k not in sd]
     if absent:
         raise CheckpointMismatchError(f"not an OpenAI {'ResNet' if resnet else 'ViT'} CLIP state dict: missing {absent}")
-    shape = lambda k: tuple(_as_numpy(sd[k]).shape)  # noqa: E731
+    shape = lambda k: tuple(as_numpy(sd[k]).shape)  # noqa: E731
 
     def layers(prefix):
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})

@@ -31,7 +31,8 @@ from absl import logging
 from flax import nnx
 
 from jaxgist.models.clip import pretrained
-from jaxgist.models.clip.weights import CheckpointMismatchError, _read_hf_dir, read_state_dict
+from jaxgist.models.clip.weights import _read_hf_dir, read_state_dict
+from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched
 from jaxgist.models.deit.model import DeiT, DeiTConfig, abstract, new_head, resolve_config
 
 # facebookresearch/deit's released (non-distilled) checkpoints, by preset name. The hex before
@@ -137,15 +138,6 @@ def hf_source(path: str, *, prefix: str = "vit.", new_layout: bool = False) -> _
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
 def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
@@ -178,7 +170,7 @@ def _build(cfg: DeiTConfig, sd: Mapping[str, Any], source_of: Callable[[str], _S
             leaves.append((path, var))
             continue
         used.update(src.keys)
-        raw = [_as_numpy(sd[k]) for k in src.keys]
+        raw = [as_numpy(sd[k]) for k in src.keys]
         expected = [e.shape for e in src.from_ours(np.empty(var.shape, np.int8))]
         if [r.shape for r in raw] != expected:
             for k, r, e in zip(src.keys, raw, expected):
@@ -189,15 +181,7 @@ def _build(cfg: DeiTConfig, sd: Mapping[str, Any], source_of: Callable[[str], _S
         leaves.append((path, var.replace(jnp.asarray(src.to_ours(raw), dtype=cfg.param_dtype))))
     skipped = head_keys if target != checkpoint_classes or fresh_head else set()
     unexpected = sorted(k for k in sd if k not in used and k not in skipped and not ignore(k))
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the DeiT model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title} key(s):")
-                lines.extend(f"    {k}" for k in items)
-        if hint:
-            lines.append(hint)
-        raise CheckpointMismatchError("\n".join(lines))
+    raise_if_mismatched(source, "the DeiT model", missing, unexpected, mismatched, hint)
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     if fresh_head:
         model.head = new_head(cfg, nnx.Rngs(seed))
@@ -232,7 +216,7 @@ def config_from_timm(sd: Mapping[str, Any], **overrides) -> DeiTConfig:
     absent = [k for k in _TIMM_NEEDED if k not in sd]
     if absent:
         raise CheckpointMismatchError(f"not a timm VisionTransformer state dict: missing {absent}")
-    shape = lambda k: tuple(_as_numpy(sd[k]).shape)  # noqa: E731
+    shape = lambda k: tuple(as_numpy(sd[k]).shape)  # noqa: E731
     width, _, patch, _ = shape("patch_embed.proj.weight")
     tokens = shape("pos_embed")[1] - 1
     grid = round(tokens**0.5)

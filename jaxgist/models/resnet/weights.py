@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgist.models.clip import pretrained
-from jaxgist.models.clip.weights import CheckpointMismatchError, read_state_dict
+from jaxgist.models.clip.weights import read_state_dict
+from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched
 from jaxgist.models.resnet.model import ResNet, ResNetConfig, abstract
 
 # torchvision's ImageNet weights (``torchvision.models.ResNet*_Weights``); a bare name is the best
@@ -108,15 +109,6 @@ def _to_torch(value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _as_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
 def _strip_module_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
     """DataParallel/DDP save every key under ``module.``."""
     if sd and all(k.startswith("module.") for k in sd):
@@ -139,7 +131,7 @@ def _build(cfg: ResNetConfig, sd: Mapping[str, Any], key_of: Callable[[str], str
             leaves.append((path, var))
             continue
         used.add(key)
-        raw = _as_numpy(sd[key])
+        raw = as_numpy(sd[key])
         value = _to_ours(raw)
         if tuple(value.shape) != tuple(var.shape):
             expected = _to_torch(np.empty(var.shape, np.int8)).shape
@@ -149,13 +141,7 @@ def _build(cfg: ResNetConfig, sd: Mapping[str, Any], key_of: Callable[[str], str
         target = jnp.float32 if isinstance(var, nnx.BatchStat) else param_dtype
         leaves.append((path, var.replace(jnp.asarray(value, dtype=target))))
     unexpected = sorted(k for k in sd if k not in used and not IGNORED_KEYS.search(k))
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the ResNet ({_describe(cfg)}):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title} key(s):")
-                lines.extend(f"    {k}" for k in items)
-        raise CheckpointMismatchError("\n".join(lines))
+    raise_if_mismatched(source, f"the ResNet ({_describe(cfg)})", missing, unexpected, mismatched)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -184,7 +170,7 @@ def config_from_torchvision(sd: Mapping[str, Any], **overrides) -> ResNetConfig:
                 if is_hf_state_dict(sd) else "")
         raise CheckpointMismatchError(f"not a torchvision ResNet state dict: no {need}{hint}; "
                                       f"its first keys: {sorted(sd)[:5]}")
-    shape = lambda k: tuple(_as_numpy(sd[k]).shape)  # noqa: E731
+    shape = lambda k: tuple(as_numpy(sd[k]).shape)  # noqa: E731
     block = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
     width = shape("conv1.weight")[0]
     layers = []
@@ -279,7 +265,7 @@ def from_hf_state_dict(sd: Mapping[str, Any], hf_config, *, dtype: Any = jnp.flo
     if any(k.startswith("embedder.embedder.") for k in sd) and not any(k.startswith("resnet.") for k in sd):
         sd = {f"resnet.{k}": v for k, v in sd.items()}  # ResNetModel: the backbone alone
     head = sd.get("classifier.1.weight")
-    cfg = config_from_hf(hf_config, num_classes=0 if head is None else int(_as_numpy(head).shape[0]))
+    cfg = config_from_hf(hf_config, num_classes=0 if head is None else int(as_numpy(head).shape[0]))
     return _build(cfg, sd, hf_key, source=source, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
