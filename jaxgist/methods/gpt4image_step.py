@@ -214,14 +214,11 @@ class Setup:
         models = {CLASSIFIER: classifier}
         if self.text_on:
             models[PROJECTION] = proj
+        if EMA in self.layout.graphdefs:
+            models[EMA] = classifier  # the EMA starts as the classifier (Layout.init gives it its own buffers)
         for m in models.values():
             layers.set_batchnorm_groups(m, self.bn_groups)
-        if EMA not in self.layout.graphdefs:
-            return self.layout.init(models)
-        # the EMA starts as a copy of the classifier, in buffers of its own (the step donates both)
-        state = self.layout.init({**models, EMA: classifier})
-        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.layout.shardings.models[EMA])
-        return state.replace(models={**state.models, EMA: copy(state.models[CLASSIFIER])})
+        return self.layout.init(models)
 
     def abstract_batch(self, global_batch: int, image_size: int, text_dim: int) -> dict:
         sharding = parallel.batch_sharding(self.mesh)

@@ -84,12 +84,18 @@ class Layout:
         extra = sorted(set(models) - set(self.graphdefs))
         if missing or extra:
             raise ValueError(f"models {sorted(models)} do not match the layout's {sorted(self.graphdefs)}")
-        states = {}
+        states, seen = {}, set()
         for name, model in models.items():
             graphdef, state = nnx.split(model)
             if graphdef != self.graphdefs[name]:
                 raise ValueError(f"model {name!r} differs in structure from the one the step was built for")
-            states[name] = jax.device_put(state, self.shardings.models[name], may_alias=False)
+            placed = jax.device_put(state, self.shardings.models[name], may_alias=False)
+            leaves = {id(x) for x in jax.tree.leaves(state)}
+            if leaves & seen:  # one module given twice (an EMA starting as the model): buffers of its own,
+                # since the step donates every model's arrays
+                placed = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.shardings.models[name])(placed)
+            seen |= leaves
+            states[name] = placed
         opt_states = {name: jax.jit(tx.init, out_shardings=self.shardings.opt_states[name])(
             split_params(states[name])[0]) for name, tx in self.txs.items()}
         step = jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step)

@@ -27,7 +27,12 @@ from flax import nnx
 from jaxgist.models.clip import pretrained
 from jaxgist.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, abstract
 from jaxgist.models.clip.resnet import ResNetConfig
-from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched  # noqa: F401
+from jaxgist.models.conversion import (  # noqa: F401  (CheckpointMismatchError: public here too)
+    CheckpointMismatchError,
+    as_numpy,
+    raise_if_mismatched,
+    read_hf_config,
+)
 from jaxgist.models.layers import ACTIVATIONS
 
 # OpenAI model names, as `clip.load` spells them, to their HF hub copies.
@@ -524,15 +529,7 @@ def _state_dict_file_config(path: pathlib.Path, sd: Mapping[str, Any], overrides
 
 
 def _read_hf_config(config_file: pathlib.Path) -> dict[str, Any]:
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file.parent}: not an HF CLIP directory (no config.json)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: malformed JSON ({e})") from e
-    if hf.get("model_type") not in (None, "clip"):
-        raise ValueError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'clip'")
-    return hf
+    return read_hf_config(config_file.parent, "clip", "CLIP")
 
 
 def save_hf(model: CLIP, directory: str | os.PathLike) -> pathlib.Path:

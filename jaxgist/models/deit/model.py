@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgist.models.conversion import resolve_preset
 from jaxgist.models.layers import Dense, LayerNorm, activation, constrain_activations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -318,17 +319,7 @@ def new_head(cfg: DeiTConfig, rngs: nnx.Rngs) -> Dense:
 def resolve_config(preset_or_config, **overrides) -> DeiTConfig:
     """A preset name ("deit_tiny", "deit_small", "deit_b", "deit_b_384", or timm's names of them), a
     DeiTConfig, or a dict of DeiTConfig fields; then ``overrides`` (DeiTConfig fields)."""
-    if isinstance(preset_or_config, DeiTConfig):
-        cfg = preset_or_config
-    elif isinstance(preset_or_config, str):
-        if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown DeiT preset {preset_or_config!r}; known: {sorted(PRESETS)}")
-        cfg = PRESETS[preset_or_config]
-    elif isinstance(preset_or_config, dict):
-        cfg = DeiTConfig(**preset_or_config)
-    else:
-        raise TypeError(f"expected a preset name, DeiTConfig or dict, got {type(preset_or_config).__name__}")
-    return cfg.replace(**overrides) if overrides else cfg
+    return resolve_preset(preset_or_config, PRESETS, DeiTConfig, "DeiT", **overrides)
 
 
 def create(preset_or_config="deit_b", *, num_classes: int | None = None, seed: int = 0, dtype=None,

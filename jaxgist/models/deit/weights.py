@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxgist.models.clip import pretrained
 from jaxgist.models.clip.weights import _read_hf_dir, read_state_dict
-from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched
+from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched, read_hf_config
 from jaxgist.models.deit.model import DeiT, DeiTConfig, abstract, new_head, resolve_config
 
 # facebookresearch/deit's released (non-distilled) checkpoints, by preset name. The hex before
@@ -316,18 +316,8 @@ def to_hf_state_dict(model: DeiT) -> dict[str, np.ndarray]:
 
 
 def _read_hf_config(directory: pathlib.Path) -> dict[str, Any]:
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{directory}: not an HF ViT directory (no config.json)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: malformed JSON ({e})") from e
-    if hf.get("model_type") not in (None, "vit"):
-        hint = " (HF's 'deit' models are the distilled ones, which have no place here)" if (
-            hf.get("model_type") == "deit") else ""
-        raise ValueError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'vit'{hint}")
-    return hf
+    return read_hf_config(directory, "vit", "ViT",
+                          " (HF's 'deit' models are the distilled ones, which have no place here)")
 
 
 def _download_deit(url: str) -> pathlib.Path:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgist.models.clip.resnet import conv_bn
+from jaxgist.models.conversion import resolve_preset
 from jaxgist.models.layers import BatchNorm, Dense
 
 BLOCKS = ("basic", "bottleneck")
@@ -88,17 +89,7 @@ PRESETS: dict[str, ResNetConfig] = {
 
 def resolve_config(preset_or_config="resnet50", **overrides) -> ResNetConfig:
     """A preset name ("resnet18" ... "resnet152"), a ResNetConfig, or a dict of its fields; then overrides."""
-    if isinstance(preset_or_config, ResNetConfig):
-        cfg = preset_or_config
-    elif isinstance(preset_or_config, str):
-        if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown ResNet preset {preset_or_config!r}; known: {sorted(PRESETS)}")
-        cfg = PRESETS[preset_or_config]
-    elif isinstance(preset_or_config, dict):
-        cfg = ResNetConfig(**preset_or_config)
-    else:
-        raise TypeError(f"expected a preset name, ResNetConfig or dict, got {type(preset_or_config).__name__}")
-    return cfg.replace(**overrides) if overrides else cfg
+    return resolve_preset(preset_or_config, PRESETS, ResNetConfig, "ResNet", **overrides)
 
 
 def _bucket(n: int) -> int:

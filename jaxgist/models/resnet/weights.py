@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxgist.models.clip import pretrained
 from jaxgist.models.clip.weights import read_state_dict
-from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched
+from jaxgist.models.conversion import CheckpointMismatchError, as_numpy, raise_if_mismatched, read_hf_config
 from jaxgist.models.resnet.model import ResNet, ResNetConfig, abstract
 
 # torchvision's ImageNet weights (``torchvision.models.ResNet*_Weights``); a bare name is the best
@@ -275,16 +275,7 @@ def from_hf_state_dict(sd: Mapping[str, Any], hf_config, *, dtype: Any = jnp.flo
 
 
 def _read_hf_config(directory: pathlib.Path) -> dict[str, Any]:
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{directory}: not an HF ResNet directory (no config.json)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: malformed JSON ({e})") from e
-    if hf.get("model_type") not in (None, "resnet"):
-        raise ValueError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'resnet'")
-    return hf
+    return read_hf_config(directory, "resnet", "ResNet")
 
 
 def _read_hf_dir(directory: pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
