@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from jaxgist.data import images, transforms
+from jaxgist.data import augment, images, transforms
 
 DEFAULT_TEMPLATE = "{species}: {caption}"
 
@@ -90,21 +90,56 @@ class _TrainExample:
 
 
 class _ClassifierTrainExample:
-    """Decode and augment one record for an ImageNet-style classifier (``transforms.classifier_train_preprocess``),
-    with its ``text_embedding`` when the record has one."""
+    """Decode and augment one record for an ImageNet-style classifier (``transforms.classifier_train_preprocess``:
+    crop, flip, optional RandAugment and random erasing), with its ``text_embedding`` when the record has one."""
 
-    def __init__(self, image_size: int, skip_unreadable: bool):
+    def __init__(self, image_size: int, skip_unreadable: bool, interpolation: str = "bilinear",
+                 randaugment: str = "", erasing_prob: float = 0.0):
         self.image_size, self.skip_unreadable = image_size, skip_unreadable
+        self.interpolation, self.erasing_prob = interpolation, erasing_prob
+        self.randaugment = (augment.RandAugment.parse(randaugment, fill=augment_fill(), interpolation=interpolation)
+                            if randaugment else None)
 
     def __call__(self, record, rng: np.random.Generator):
         image = _read(record, self.skip_unreadable)
         if image is None:
             return None
-        out = {"image": transforms.classifier_train_preprocess(image, self.image_size, rng),
+        out = {"image": transforms.classifier_train_preprocess(
+                   image, self.image_size, rng, interpolation=self.interpolation, randaugment=self.randaugment,
+                   erasing_prob=self.erasing_prob),
                "label": np.int32(record["label"])}
         if "text_embedding" in record:
             out["text_embedding"] = np.asarray(record["text_embedding"], np.float32)
         return out
+
+
+def augment_fill() -> tuple[int, int, int]:
+    """RandAugment's fill colour for ImageNet-normalized classifiers: timm's ``round(255 * mean)``."""
+    return tuple(min(255, round(255 * float(m))) for m in transforms.IMAGENET_MEAN)
+
+
+class _RepeatedAugmentation(grain.MapDataset):
+    """DeiT's repeated augmentation (its ``RASampler``) as index arithmetic over an endless reshuffled
+    dataset: epoch ``e`` is ``epoch_length`` positions, position ``p`` holding record ``perm_e[p // repeats]``,
+    so each record drawn appears ``repeats`` times in a row (augmented independently downstream, and in
+    one global batch, as the sampler's per-GPU slices of consecutive copies are) and an epoch still has
+    ``epoch_length`` examples: about ``1 / repeats`` of the records, each ``repeats`` times."""
+
+    def __init__(self, parent: grain.MapDataset, num_records: int, repeats: int, epoch_length: int):
+        super().__init__(parent)
+        self._num_records, self._repeats, self._epoch_length = num_records, repeats, epoch_length
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"RepeatedAugmentation(repeats={self._repeats}, epoch_length={self._epoch_length})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._epoch_length)
+        return self._parent[epoch * self._num_records + position // self._repeats]
 
 
 class _EvalExample:
@@ -114,16 +149,17 @@ class _EvalExample:
     normalization (``transforms.classifier_eval_preprocess``)."""
 
     def __init__(self, image_size: int, skip_unreadable: bool, crop_rounding: str = "torchvision",
-                 preprocess: str = "clip", resize: int | None = None):
+                 preprocess: str = "clip", resize: int | None = None, interpolation: str = "bilinear"):
         self.image_size, self.skip_unreadable = image_size, skip_unreadable
         self.crop_rounding, self.preprocess, self.resize = crop_rounding, preprocess, resize
+        self.interpolation = interpolation
 
     def __call__(self, record):
         image = _read(record, self.skip_unreadable, in_stored_mode=True)
         if image is None:
             return None
         if self.preprocess == "imagenet":
-            pixels = transforms.classifier_eval_preprocess(image, self.image_size, self.resize)
+            pixels = transforms.classifier_eval_preprocess(image, self.image_size, self.resize, self.interpolation)
         else:
             pixels = transforms.clip_eval_preprocess(image, self.image_size, self.crop_rounding)
         return {"image": pixels, "label": np.int32(record["label"]), "index": np.int64(record["index"])}
@@ -255,6 +291,10 @@ def classifier_train_dataset(
     image_size: int,
     global_batch: int,
     seed: int = 0,
+    interpolation: str = "bilinear",
+    randaugment: str = "",
+    erasing_prob: float = 0.0,
+    repeats: int = 1,
     skip_unreadable: bool = False,
     workers: int = 0,
     prefetch: int = 2,
@@ -263,10 +303,25 @@ def classifier_train_dataset(
 ) -> grain.IterDataset:
     """Endless batches of {"image" [b, S, S, 3] float32 (ImageNet-normalized), "label" [b] int32, and
     "text_embedding" [b, D] float32 when the source's records carry one} for this process (b = global
-    batch / process count): reshuffled every epoch, each image augmented by a random resized crop and
-    flip seeded by its position in the global stream. Resumable with ``get_state``/``set_state``."""
+    batch / process count): reshuffled every epoch, each image augmented (``transforms.
+    classifier_train_preprocess``: crop and flip with ``interpolation``, timm's RandAugment string
+    ``randaugment`` when set, random erasing with ``erasing_prob``) seeded by its position in the global
+    stream. ``repeats`` > 1: DeiT's repeated augmentation (``_RepeatedAugmentation``), an epoch being the
+    ``len(source) // global_batch`` full batches. Resumable with ``get_state``/``set_state``."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if interpolation not in transforms.INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not one of {transforms.INTERPOLATIONS}")
+    if not 0.0 <= erasing_prob <= 1.0:
+        raise ValueError(f"erasing_prob={erasing_prob} must be in [0, 1]")
+    example = _ClassifierTrainExample(image_size, skip_unreadable, interpolation, randaugment, erasing_prob)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(_ClassifierTrainExample(image_size, skip_unreadable), seed=seed)
+    if repeats > 1:
+        epoch_length = len(source) // global_batch * global_batch
+        if epoch_length < 1:
+            raise ValueError(f"global batch {global_batch} exceeds the {len(source)} training records")
+        ds = _RepeatedAugmentation(ds, len(source), repeats, epoch_length)
+    ds = ds.random_map(example, seed=seed)
     ds = _shard(ds, shard_index, shard_count)
     return _finish(ds, _per_process_batch(global_batch, shard_count), drop_remainder=True,
                    skip_unreadable=skip_unreadable, workers=workers, prefetch=prefetch)
@@ -287,11 +342,13 @@ def eval_dataset(
     crop_rounding: str = "torchvision",
     preprocess: str = "clip",
     resize: int | None = None,
+    interpolation: str = "bilinear",
 ) -> grain.IterDataset:
     """One pass over ``source`` in order: {"image", "label", "index"} batches (the last may be short).
 
     ``preprocess``: "clip" (CLIP's evaluation preprocessing) or "imagenet" (a classifier's: resize the
-    short side to ``resize``, default ``image_size / 0.875``, center crop, ImageNet normalization).
+    short side to ``resize``, default ``image_size / 0.875``, with ``interpolation``, center crop, ImageNet
+    normalization).
 
     ``crop_rounding``: the evaluation preprocessing's rule, "torchvision" (OpenAI's clip, open_clip) or
     "hf" (``CLIPImageProcessor``), see ``jaxgist.data.transforms``.
@@ -304,7 +361,7 @@ def eval_dataset(
         raise ValueError(f"preprocess={preprocess!r} is not 'clip' or 'imagenet'")
     ds = grain.MapDataset.source(source)
     if augment_seed is None:
-        ds = ds.map(_EvalExample(image_size, skip_unreadable, crop_rounding, preprocess, resize))
+        ds = ds.map(_EvalExample(image_size, skip_unreadable, crop_rounding, preprocess, resize, interpolation))
     else:
         ds = ds.random_map(_AugmentedExample(image_size, crop_scale, skip_unreadable), seed=augment_seed)
     ds = _shard(ds, shard_index, shard_count)

@@ -33,6 +33,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from jaxgist.data import augment
 from jaxgist.data import images as images_lib
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "train_preprocess",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INTERPOLATIONS",
     "classifier_train_preprocess",
     "classifier_eval_preprocess",
 ]
@@ -255,16 +257,34 @@ def train_preprocess(image: np.ndarray, size: int, rng: np.random.Generator) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def classifier_train_preprocess(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [size, size, 3]: torchvision's ``RandomResizedCrop(size)`` (bilinear,
-    its default), ``RandomHorizontalFlip()``, ImageNet normalization."""
-    return normalize(random_resized_crop_flip(image, size, rng, resample=Image.Resampling.BILINEAR), "imagenet")
+def classifier_train_preprocess(image: np.ndarray, size: int, rng: np.random.Generator, *,
+                                interpolation: str = "bilinear", randaugment: "augment.RandAugment | None" = None,
+                                erasing_prob: float = 0.0) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3]: ``RandomResizedCrop(size)`` (``interpolation``:
+    torchvision's default bilinear for ResNet, bicubic for DeiT), ``RandomHorizontalFlip()``, then
+    timm's RandAugment when given, ImageNet normalization, and timm's random erasing (pixel mode) with
+    probability ``erasing_prob``: the order of timm's ``create_transform``."""
+    out = random_resized_crop_flip(image, size, rng, resample=_interpolation(interpolation))
+    if randaugment is not None:
+        out = np.asarray(randaugment(Image.fromarray(out), rng))
+    out = normalize(out, "imagenet")
+    return augment.random_erasing(out, rng, erasing_prob) if erasing_prob > 0 else out
 
 
-def classifier_eval_preprocess(image: np.ndarray | Image.Image, size: int = 224, resize: int | None = None) -> np.ndarray:
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _interpolation(name: str) -> Image.Resampling:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={name!r} is not one of {INTERPOLATIONS}")
+    return Image.Resampling.BILINEAR if name == "bilinear" else Image.Resampling.BICUBIC
+
+
+def classifier_eval_preprocess(image: np.ndarray | Image.Image, size: int = 224, resize: int | None = None,
+                               interpolation: str = "bilinear") -> np.ndarray:
     """uint8 [H, W, 3] or a PIL image -> float32 [size, size, 3]: torchvision's ``Resize(resize)``
-    (short side, bilinear; default ``int(size / 0.875)``, 256 for 224), ``CenterCrop(size)`` (offsets
-    rounded as torchvision does), ImageNet normalization."""
+    (short side, ``interpolation``: bilinear for ResNet, bicubic for DeiT; default ``int(size / 0.875)``,
+    256 for 224), ``CenterCrop(size)`` (offsets rounded as torchvision does), ImageNet normalization."""
     resize = int(size / 0.875) if resize is None else int(resize)
     if resize < size:
         raise ValueError(f"resize={resize} is smaller than the crop size {size}")
@@ -272,7 +292,7 @@ def classifier_eval_preprocess(image: np.ndarray | Image.Image, size: int = 224,
         image = images_lib.to_rgb(image)
     image = _check_rgb_uint8(image)
     new_height, new_width = _shortest_edge_size(image.shape[0], image.shape[1], resize)
-    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), _interpolation(interpolation)))
     top = _crop_offset(new_height - size, "torchvision")
     left = _crop_offset(new_width - size, "torchvision")
     return normalize(resized[top : top + size, left : left + size], "imagenet")

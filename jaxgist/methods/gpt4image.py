@@ -41,7 +41,7 @@ from flax import nnx
 
 from jaxgist.core import config as config_lib
 from jaxgist.core import files, results
-from jaxgist.data import datasets, embedding_store, minival, pipeline, sources
+from jaxgist.data import augment, datasets, embedding_store, minival, pipeline, sources, transforms
 from jaxgist.evaluation import text_embeddings
 from jaxgist.methods import gpt4image_step
 from jaxgist.models import clip, deit, projection, resnet
@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
         label_smoothing=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, descriptions="", embeddings=""))
     c.data = datasets.default_config()
     c.data.update(dict(source="folder", train_split="train", eval_split="val", image_size=224, eval_resize=0,
-                       minival_fraction=0.01, eval_batch=250))
+                       minival_fraction=0.01, eval_batch=250, interpolation="bilinear", randaugment="",
+                       random_erasing=0.0, repeated_augmentation=1))
     c.train = ml_collections.ConfigDict(dict(global_batch=256, epochs=120, steps=0, log_every=50, eval_every_epochs=1,
                                              keep=2, async_checkpoints=True))
     c.evaluate = ml_collections.ConfigDict(dict(step=-1))
@@ -123,6 +124,15 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     req(d.eval_resize == 0 or d.eval_resize >= d.image_size,
         f"config.data.eval_resize={d.eval_resize} must be 0 (image_size / 0.875) or >= image_size")
     req(d.train_split != d.eval_split, "config.data.train_split and config.data.eval_split must differ")
+    req(d.interpolation in transforms.INTERPOLATIONS,
+        f"config.data.interpolation={d.interpolation!r} is not one of {transforms.INTERPOLATIONS}")
+    req(0.0 <= d.random_erasing <= 1.0, f"config.data.random_erasing={d.random_erasing} must be in [0, 1]")
+    req(d.repeated_augmentation >= 1, f"config.data.repeated_augmentation={d.repeated_augmentation} must be >= 1")
+    if d.randaugment:
+        try:
+            augment.RandAugment.parse(d.randaugment)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.data.randaugment: {e}") from None
     req(config.evaluate.step >= -1, f"config.evaluate.step={config.evaluate.step} must be a saved step or -1")
     req(len(config.compare.seeds) >= 1, "config.compare.seeds must name at least one seed")
     try:
@@ -325,6 +335,7 @@ class Evaluator:
         self.local_batch = self.batch // jax.process_count()
         self.image_size = config.data.image_size
         self.resize = config.data.eval_resize or None
+        self.interpolation = config.data.interpolation
         self.workers, self.prefetch = config.data.workers, config.data.prefetch
         self.skip_unreadable = config.data.skip_unreadable
         graphdef = setup.layout.graphdefs[gpt4image_step.CLASSIFIER]
@@ -345,7 +356,8 @@ class Evaluator:
         num_batches = math.ceil(per_process / self.local_batch)
         it = iter(pipeline.eval_dataset(source, image_size=self.image_size, batch_size=self.local_batch,
                                         workers=self.workers, prefetch=self.prefetch, preprocess="imagenet",
-                                        resize=self.resize, skip_unreadable=self.skip_unreadable))
+                                        resize=self.resize, interpolation=self.interpolation,
+                                        skip_unreadable=self.skip_unreadable))
         top1 = top5 = seen = 0
         s = self.image_size
         for _ in range(num_batches):
@@ -421,6 +433,8 @@ def train(config, workdir) -> dict:
     ckpt = checkpointer(config, workdir, per_epoch)
     data_iter = iter(pipeline.classifier_train_dataset(
         source, image_size=config.data.image_size, global_batch=config.train.global_batch, seed=config.seed,
+        interpolation=config.data.interpolation, randaugment=config.data.randaugment,
+        erasing_prob=config.data.random_erasing, repeats=config.data.repeated_augmentation,
         skip_unreadable=config.data.skip_unreadable, workers=config.data.workers, prefetch=config.data.prefetch))
 
     def init():

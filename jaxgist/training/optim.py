@@ -7,7 +7,14 @@
   eps 1e-6, weight decay 0.001); ``"adamw"`` decouples the decay (PyTorch ``AdamW``); ``"sgd"``
   with ``momentum``.
 - ``lr``, ``schedule`` (``"constant"``, ``"cosine"``, ``"linear"``: decay from ``lr`` to
-  ``lr * final_lr_ratio`` at the last step), ``warmup_steps`` (linear from 0).
+  ``lr * final_lr_ratio`` at the last step), ``warmup_steps`` (linear from ``warmup_init_lr``,
+  default 0).
+- ``schedule="timm_cosine"`` (with ``schedule_unit="epoch"``): timm's ``CosineLRScheduler`` as DeiT's
+  training script steps it. ``f(t)`` rises linearly from ``warmup_init_lr`` by ``(lr - warmup_init_lr) /
+  warmup_steps`` per epoch for ``t < warmup_steps``, then is ``min + (lr - min) (1 + cos(pi t / T)) / 2``
+  with ``t`` counted from the start (timm's ``warmup_prefix=False``), ``min = lr * final_lr_ratio`` and
+  ``T`` the number of epochs; DeiT calls ``scheduler.step(epoch)`` after each epoch, so epoch ``e``
+  trains at ``f(max(e - 1, 0))`` (epochs 0 and 1 both at ``f(0)``).
 - ``schedule_unit``: ``"step"`` (default) moves the learning rate every update; ``"epoch"`` holds it
   for an epoch, as a PyTorch scheduler stepped once per epoch (``CosineAnnealingLR(T_max=epochs)``):
   the schedule then counts epochs, ``warmup_steps`` included.
@@ -28,18 +35,19 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 NAMES = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "timm_cosine")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """GIST's fine-tuning optimizer."""
     return ml_collections.ConfigDict(dict(
         name="adam", lr=1e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.001, decay_exclude="",
-        momentum=0.9, schedule="constant", warmup_steps=0, final_lr_ratio=0.0, grad_clip_norm=0.0,
+        momentum=0.9, schedule="constant", warmup_steps=0, warmup_init_lr=0.0, final_lr_ratio=0.0, grad_clip_norm=0.0,
         accumulate_steps=1, freeze="", schedule_unit="step",
     ))
 
@@ -73,12 +81,14 @@ def validate(c) -> None:
         raise ValueError(f"config.optim.schedule_unit={c.schedule_unit!r} is not 'step' or 'epoch'")
     if c.schedule not in SCHEDULES:
         raise ValueError(f"config.optim.schedule={c.schedule!r} is not one of {SCHEDULES}")
+    if c.schedule == "timm_cosine" and c.get("schedule_unit", "step") != "epoch":
+        raise ValueError("config.optim.schedule='timm_cosine' counts epochs: set config.optim.schedule_unit='epoch'")
     if not c.lr > 0:
         raise ValueError(f"config.optim.lr={c.lr} must be > 0")
     for key in ("b1", "b2"):
         if not 0 <= c[key] < 1:
             raise ValueError(f"config.optim.{key}={c[key]} must be in [0, 1)")
-    for key in ("eps", "weight_decay", "grad_clip_norm", "warmup_steps", "final_lr_ratio"):
+    for key in ("eps", "weight_decay", "grad_clip_norm", "warmup_steps", "warmup_init_lr", "final_lr_ratio"):
         if c[key] < 0:
             raise ValueError(f"config.optim.{key}={c[key]} must be >= 0")
     if int(c.accumulate_steps) < 1:
@@ -88,8 +98,11 @@ def validate(c) -> None:
 
 
 def schedule(c, total_steps: int) -> optax.Schedule:
-    """Learning rate by optimizer update (after accumulation)."""
+    """Learning rate by optimizer update (after accumulation), or by epoch for ``schedule_unit="epoch"``."""
     warmup = int(c.warmup_steps)
+    start = float(c.get("warmup_init_lr", 0.0))
+    if c.schedule == "timm_cosine":
+        return _timm_cosine(c.lr, start, warmup, c.lr * c.final_lr_ratio, max(int(total_steps), 1))
     decay_steps = max(int(total_steps) - warmup, 1)
     if c.schedule == "constant":
         main = optax.constant_schedule(c.lr)
@@ -99,7 +112,18 @@ def schedule(c, total_steps: int) -> optax.Schedule:
         main = optax.linear_schedule(c.lr, c.lr * c.final_lr_ratio, decay_steps)
     if warmup == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), main], [warmup])
+    return optax.join_schedules([optax.linear_schedule(start, c.lr, warmup), main], [warmup])
+
+
+def _timm_cosine(lr: float, warmup_lr: float, warmup: int, min_lr: float, epochs: int) -> optax.Schedule:
+    """Epoch -> learning rate of timm's cosine schedule as DeiT steps it (module docstring)."""
+
+    def f(t):
+        warm = warmup_lr + t * ((lr - warmup_lr) / max(warmup, 1))
+        cosine = min_lr + 0.5 * (lr - min_lr) * (1 + jnp.cos(jnp.pi * jnp.minimum(t, epochs) / epochs))
+        return jnp.where(t < warmup, warm, cosine)
+
+    return lambda epoch: f(jnp.maximum(jnp.asarray(epoch, jnp.float32) - 1, 0))
 
 
 def _labels(params, pattern: str, yes: Any, no: Any):

@@ -172,9 +172,35 @@ def test_bad_inputs_name_what_is_wrong(tmp_path, synthetic_dir):
     # bad values name their key
     for key, value, match in (("gpt4image__text_loss_scale", "reference:0", "text_loss_scale"),
                               ("model__arch", "resnet51", "config.model.arch"),
-                              ("data__minival_fraction", 0.7, "minival_fraction")):
+                              ("data__minival_fraction", 0.7, "minival_fraction"),
+                              ("data__randaugment", "rand-m9-w0-inc1", "config.data.randaugment.*w0"),
+                              ("data__repeated_augmentation", 0, "repeated_augmentation"),
+                              ("data__interpolation", "nearest", "config.data.interpolation"),
+                              ("data__random_erasing", 1.5, "random_erasing")):
         with pytest.raises(config_lib.ConfigError, match=match):
             gpt4image.validate(runlocal(synthetic_dir, **{key: value}))
+
+
+@pytest.mark.slow
+def test_deit_recipe_trains_with_its_augmentations_and_timm_schedule(tmp_path, synthetic_dir):
+    c = gpt4image_config.get_config("model=deit_b,runlocal")
+    assert (c.data.randaugment, c.data.random_erasing, c.data.repeated_augmentation, c.data.interpolation,
+            c.optim.schedule) == ("rand-m9-mstd0.5-inc1", 0.25, 3, "bicubic", "timm_cosine")
+    c.data.synthetic.dir = synthetic_dir
+    c.train.update(dict(epochs=3, log_every=1))
+    c.optim.warmup_steps = 2
+    out = gpt4image.run(c, str(tmp_path))["gpt4image"]
+    per_epoch = out["run"]["steps_per_epoch"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lr_by_epoch = {}
+    for r in records:
+        if "train/lr" in r:
+            lr_by_epoch.setdefault((r["step"] - 1) // per_epoch, set()).add(round(r["train/lr"], 9))
+    start, top = c.optim.warmup_init_lr, c.optim.lr
+    # DeiT's stepping of timm's schedule: epochs 0 and 1 at the warm-up start, epoch 2 half-way up
+    assert lr_by_epoch[0] == lr_by_epoch[1] == {round(start, 9)}
+    assert lr_by_epoch[2] == {round(start + (top - start) / 2, 9)}
+    assert 0.0 <= out["deit_b"]["raw_final"]["test_top1"] <= 1.0
 
 
 def _embed(c):

@@ -228,6 +228,35 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose(optim.schedule(c, 110)(60), 0.55, atol=1e-6)
 
 
+def test_timm_cosine_schedule_equals_deits_stepping_of_timms_scheduler(timm_module):
+    torch = pytest.importorskip("torch")
+    cosine_lr = timm_module("scheduler/cosine_lr.py")
+    epochs, per_epoch, lr = 30, 4, 1e-3
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=lr)
+    # timm's create_scheduler for DeiT's arguments: cosine, min 1e-5, warm-up 5 epochs from 1e-6
+    sched = cosine_lr.CosineLRScheduler(opt, t_initial=epochs, t_mul=1.0, lr_min=1e-5, decay_rate=0.1,
+                                        warmup_lr_init=1e-6, warmup_t=5, cycle_limit=1, t_in_epochs=True)
+    theirs = []
+    for epoch in range(epochs):  # DeiT's main.py: train one epoch, then lr_scheduler.step(epoch)
+        theirs.append(opt.param_groups[0]["lr"])
+        sched.step(epoch)
+    c = optim.default_config()
+    c.update(dict(name="adamw", lr=lr, schedule="timm_cosine", schedule_unit="epoch", warmup_steps=5,
+                  warmup_init_lr=1e-6, final_lr_ratio=1e-5 / lr))
+    _, schedule = optim.make(c, {"w": np.zeros(1)}, total_steps=epochs * per_epoch, steps_per_epoch=per_epoch)
+    ours = [float(schedule(step)) for step in range(epochs * per_epoch)]
+    np.testing.assert_allclose(ours, np.repeat(theirs, per_epoch), rtol=1e-5, atol=1e-12)
+    assert theirs[0] == theirs[1] == 1e-6  # DeiT's stepping: epochs 0 and 1 both at the warm-up start
+
+
+def test_timm_cosine_needs_epoch_units():
+    c = optim.default_config()
+    c.update(dict(schedule="timm_cosine", schedule_unit="step"))
+    with pytest.raises(ValueError, match="schedule_unit='epoch'"):
+        optim.validate(c)
+
+
 def test_grad_clipping_bounds_the_first_sgd_step():
     c = optim.default_config()
     c.update(dict(name="sgd", momentum=0.0, weight_decay=0.0, lr=1.0, grad_clip_norm=0.5))
