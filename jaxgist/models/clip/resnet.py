@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgist.models.layers import BatchNorm, Dense
+from jaxgist.models.layers import BatchNorm, Dense, dot_product_attention, fused_projections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +156,9 @@ class AttentionPool(nnx.Module):
         x = x.reshape(b, gh * gw, d)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos.astype(x.dtype)[None]
         h, hd = self.heads, d // self.heads
-        q = self.q_proj(x[:, :1]).reshape(b, 1, h, hd) * (hd**-0.5)
-        k = self.k_proj(x).reshape(b, -1, h, hd)
-        v = self.v_proj(x).reshape(b, -1, h, hd)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, d)
-        return self.c_proj(out)
+        q = self.q_proj(x[:, :1]).reshape(b, 1, h, hd)
+        k, v = (t.reshape(b, -1, h, hd) for t in fused_projections(x, (self.k_proj, self.v_proj)))
+        return self.c_proj(dot_product_attention(q, k, v).reshape(b, d))
 
 
 class ModifiedResNet(nnx.Module):

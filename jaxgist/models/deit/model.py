@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgist.models.conversion import resolve_preset
-from jaxgist.models.layers import Dense, LayerNorm, activation, constrain_activations
+from jaxgist.models.layers import Dense, LayerNorm, activation, constrain_activations, dot_product_attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,10 +187,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cls_only:
             q = q[:, :1]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd**-0.5, q.dtype), k).astype(jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, -1, d)
-        return self.proj(out)
+        return self.proj(dot_product_attention(q, k, v))
 
 
 class Mlp(nnx.Module):
