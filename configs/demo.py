@@ -9,6 +9,7 @@ captions of 20 other synthetic species (stage ``pretrain``). Then GIST runs on 2
 image / matched-caption pairs, and zero-shot and linear probes on pretrained and fine-tuned image
 embeddings are compared on the test split (top-1/top-3 with bootstrap std), together with
 Tip-Adapter(-F), CODER (zero-shot, re-ranked, few-shot) and k-NN / nearest-centroid heads.
+The report (table, figures, matched-caption gallery) is written to ``DIR/report/index.html``.
 """
 
 from jaxgist.methods import gist
@@ -28,6 +29,7 @@ def get_config(arg: str = ""):
     c.gist.bootstrap = 200 if runlocal else 1000
     c.gist.batch_size = 64
     c.gist.zero_shot_templates = ("a photo of a {}, a type of bird.", "a {}.")
+    c.report = True  # DIR/report/: python -m jaxgist.report DIR
 
     c.model.init = ""
     c.model.preset = dict(

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgist import methods
+from jaxgist import config_loading, methods
 from jaxgist.core import files
 from jaxgist.training import loop, parallel
 
@@ -65,7 +65,24 @@ def run_job(config, workdir: str) -> dict:
     with lock:
         if jax.process_index() == 0 and not reading:
             files.write_text_atomic(files.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-        return job.run(config, workdir)
+        out = job.run(config, workdir)
+    if config.get("report", False) and jax.process_index() == 0:
+        write_report(workdir)
+    return out
+
+
+def write_report(workdir: str) -> str | None:
+    """``workdir/report/`` (``jaxgist.reports``) after a job whose config asks for it (``config.report``).
+    A report that cannot be written is a warning: the job's results stand, and ``python -m
+    jaxgist.report`` writes it later. Returns the page's path."""
+    from jaxgist.reports import build
+
+    try:
+        return build.write_report([workdir], os.path.join(workdir, "report")).index
+    except Exception as e:  # noqa: BLE001 - any failure of the report must leave the finished job's exit alone
+        logging.warning("the report was not written (%s: %s); write it with: python -m jaxgist.report %s --out %s",
+                        type(e).__name__, e, workdir, os.path.join(workdir, "report"))
+        return None
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -116,6 +133,9 @@ def main(argv):
         md = files.join(_WORKDIR.value, "results.md")
         print(files.read_text(md) if files.exists(md) else out)
         print(f"results: {files.join(_WORKDIR.value, 'results.json')}")
+        report = files.join(_WORKDIR.value, "report", "index.html")
+        if _CONFIG.value.get("report", False) and files.exists(report):
+            print(f"report: {report}")
 
 
 _STARTED = False  # main() has begun: errors after this point are the job's, not the command line's
@@ -130,9 +150,7 @@ def cli():
         # main(): a typo in a key there is the user's, and one line says it
         if _STARTED or os.environ.get("JAXGIST_TRACEBACK") == "1":
             raise
-        message = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").split())
-        if isinstance(e, (AttributeError, KeyError)):
-            message = f"no such key: {message}"
+        message = config_loading.override_error_message(e)
         print(f"jaxgist: error: a --config override or the config file: {message}  "
               f"(JAXGIST_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """The package's layers import only downwards: core < describe < models < data < training < evaluation
-< heads < methods < the entry points (main, aot, the tokenizer alias). Every import statement of every module
-is read, at any depth (function-level imports included)."""
+< heads < methods < reports < the entry points (main, aot, sweep, report, the tokenizer alias). Every import
+statement of every module is read, at any depth (function-level imports included)."""
 
 import ast
 import pathlib
@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxgist"
-LAYERS = ("core", "describe", "models", "data", "training", "evaluation", "heads", "methods")
+LAYERS = ("core", "describe", "models", "data", "training", "evaluation", "heads", "methods", "reports")
 TOP = len(LAYERS)  # modules directly in jaxgist/: the entry points
 
 

@@ -43,13 +43,15 @@ def load_knowledge_embeddings(knowledge: coder.Knowledge, cached: dict[str, np.n
 
 
 def run(heads, splits: dict[str, dict[str, np.ndarray]], text_weights: np.ndarray,
-        knowledge: coder.KnowledgeEmbeddings | None, *, bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+        knowledge: coder.KnowledgeEmbeddings | None, *, bootstrap: int = 1000, seed: int = 0,
+        predictions: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Fits each head in ``heads`` on train (+ val for selection) and scores test.
 
     ``splits``: {"train", "val", "test"} (and optionally "trainviews" [V, N, D]) of {"x", "y"};
     ``text_weights`` [C, D] unit class embeddings; ``knowledge``: encoded CODER knowledge (needed by the
     coder heads). Returns {head: metrics} with test top-1/top-3 (+ bootstrap), val top-1 and the
-    chosen hyperparameters.
+    chosen hyperparameters. ``predictions``, when given, receives each head's top-1 test class
+    (``{head: int32 [N]}``, rows as ``splits["test"]``).
     """
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
@@ -112,4 +114,6 @@ def run(heads, splits: dict[str, dict[str, np.ndarray]], text_weights: np.ndarra
         metrics.update(chosen)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
         out[head] = metrics
+        if predictions is not None:
+            predictions[head] = np.asarray(logits).argmax(axis=1).astype(np.int32)
     return out

@@ -8,6 +8,7 @@ description, no template); they become its captions for contrastive fine-tuning.
     write_captions(workdir / "captions_top5.json", matches)                      # GIST's captions JSON
     # or, from files:
     match_to_file(model, tokenize, train_source, "long_captions.json", "captions_top5.json", k=5)
+    # ... and their cosines beside it, captions_top5.scores.json (read_scores(scores_path(...)))
     m = match_indices(model, tokenize, train_source, descriptions, k=5)          # Matches: slots, scores
 
 Ties go to the description listed first. What is scored, where we differ from GIST's script (never in the
@@ -20,6 +21,7 @@ As a job (``config.method = "caption_matching"``, ``configs/caption_matching.py`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -45,8 +47,8 @@ from jaxgist.models import clip
 from jaxgist.models.clip import tokenizer as tokenizer_lib
 from jaxgist.training import parallel
 
-__all__ = ["Matches", "match_indices", "match_captions", "write_captions", "match_to_file", "match_split",
-           "default_config", "validate", "run"]
+__all__ = ["Matches", "match_indices", "match_captions", "write_captions", "scores_path", "write_scores",
+           "read_scores", "match_to_file", "match_split", "default_config", "validate", "run"]
 
 # Seconds between progress lines of a long matching run.
 _LOG_EVERY_S = 15.0
@@ -316,10 +318,40 @@ def write_captions(path: str | os.PathLike, matches: Mapping[str, Sequence[str]]
     return path
 
 
+def scores_path(captions_path: str | os.PathLike) -> str:
+    """The file beside a matched captions JSON holding the cosines of its captions
+    (``captions_top5.json`` -> ``captions_top5.scores.json``)."""
+    base = os.fspath(captions_path)
+    return (base[:-len(".json")] if base.endswith(".json") else base) + ".scores.json"
+
+
+def write_scores(path: str | os.PathLike, matches: Matches) -> str:
+    """Writes ``filename -> [cosine, ...]`` of each image's matched captions, best first, in the order of
+    its captions JSON (4 decimals). Replaced atomically."""
+    data = {name: [round(float(v), 4) for v in row[:n]]
+            for name, row, n in zip(matches.filenames, matches.scores.tolist(), matches.counts.tolist())}
+    files.write_json_atomic(path, data)
+    return os.fspath(path)
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, list[float]]:
+    """What ``write_scores`` wrote ({} when the file does not exist: captions matched elsewhere)."""
+    if not files.exists(path):
+        return {}
+    try:
+        data = json.loads(files.read_text(path))
+    except ValueError as e:
+        raise DataError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise DataError(f"{os.fspath(path)}: expected an object of filename -> list of scores")
+    return data
+
+
 def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source,
                   descriptions_path: str | os.PathLike, out_path: str | os.PathLike, *, k: int = 5,
                   **kwargs) -> dict[str, list[str]]:
-    """Reads the descriptions JSON (class key -> descriptions), matches, writes ``out_path``.
+    """Reads the descriptions JSON (class key -> descriptions), matches, writes ``out_path`` (and the
+    captions' cosines to ``scores_path(out_path)``).
 
     The descriptions are read with ``sources.read_descriptions(descriptions_path, source.class_names)``,
     whose ``DataError`` names every key that matches no class and every class without
@@ -335,9 +367,11 @@ def match_to_file(model, tokenize: Callable[[Sequence[str]], np.ndarray], source
         raise ValueError(f"{source!r} has no class_names to look descriptions up by")
     descriptions = read_descriptions(descriptions_path, class_names)
     t0 = time.perf_counter()
-    matches = match_captions(model, tokenize, source, descriptions, k=k, **kwargs)
+    found = match_indices(model, tokenize, source, descriptions, k=k, **kwargs)
+    matches = found.captions(descriptions)
     if jax.process_index() == 0:
         write_captions(out_path, matches)
+        write_scores(scores_path(out_path), found)
     parallel.sync("caption_matching.match_to_file")
     logging.info("caption matching: wrote top-%d captions of %d images to %s (%.1f s)", k, len(matches),
                  os.fspath(out_path), time.perf_counter() - t0)

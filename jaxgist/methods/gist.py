@@ -11,7 +11,8 @@ Stages (``config.gist.stages``, in this order; any subset, e.g. ``("embed", "eva
 ``config.describe`` -> ``summarize/captions_short.json``, which fine-tuning then reads),
 ``finetune`` (-> ``finetune/``, resumable), ``embed`` (pretrained and fine-tuned ->
 ``embeddings/{pretrained,finetuned}.npz``), ``evaluate`` (zero-shot, ``gist.probes``, ``gist.heads``,
-chosen on validation; test top-1/top-3 with bootstrap -> ``results.json``, ``results.md``).
+chosen on validation; test top-1/top-3 with bootstrap -> ``results.json``, ``results.md``, and each
+head's test predictions -> ``predictions/{pretrained,finetuned}.npz``, read by ``jaxgist.reports``).
 Each stage in detail and the fidelity notes: docs/methods/gist.md.
 """
 
@@ -59,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.describe = describe.default_config().describe  # the summarize stage's endpoint (off by default)
     c.describe.task = "summarize"
+    c.report = False  # python -m jaxgist also writes DIR/report/ (tables, figures, gallery: jaxgist.reports)
     return c
 
 
@@ -293,6 +295,7 @@ def evaluate(config, workdir: pathlib.Path) -> dict:
             continue
         splits, class_names = embeddings.load(path)
         tr, va, te = splits["train"], splits["val"], splits["test"]
+        predicted: dict[str, np.ndarray] = {}
         for kind in g.probes:
             t0 = time.perf_counter()
             if kind == "sgd":
@@ -302,14 +305,15 @@ def evaluate(config, workdir: pathlib.Path) -> dict:
                 probe = probes.ridge_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
             else:
                 probe = probes.lbfgs_probe(tr["x"], tr["y"], va["x"], va["y"], len(class_names))
-            metrics = accuracy.accuracy_summary(probe.predict_logits(te["x"]), te["y"], resamples=g.bootstrap,
-                                                  seed=g.seed)
+            logits = probe.predict_logits(te["x"])
+            predicted[f"linear_probe_{kind}"] = np.asarray(logits).argmax(axis=1)
+            metrics = accuracy.accuracy_summary(logits, te["y"], resamples=g.bootstrap, seed=g.seed)
             metrics.update({k: v for k, v in probe.summary().items() if k != "method"})
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             out.setdefault(name, {})[f"linear_probe_{kind}"] = metrics
         with np.load(workdir / "embeddings" / f"{name}_text.npz") as f:
             cached = dict(f)
-        out.setdefault(name, {})["zero_shot"] = _zero_shot(cached["templates"], te, g)
+        out.setdefault(name, {})["zero_shot"] = _zero_shot(cached["templates"], te, g, predicted)
         if g.heads:
             knowledge = None
             if any(h.startswith("coder") for h in g.heads):
@@ -318,8 +322,11 @@ def evaluate(config, workdir: pathlib.Path) -> dict:
                 if f"caption_{split}" in cached:
                     splits[split]["caption_x"] = cached[f"caption_{split}"]
             found = heads_lib.run(tuple(g.heads), splits, cached["templates"], knowledge, bootstrap=g.bootstrap,
-                                  seed=g.seed)
+                                  seed=g.seed, predictions=predicted)
             out.setdefault(name, {}).update(found)
+        if jax.process_index() == 0:
+            save_predictions(predictions_path(workdir, name), class_names, te["y"],
+                             te.get("index", np.arange(len(te["y"]))), predicted)
     if not out:
         raise FileNotFoundError(f"no embeddings in {workdir / 'embeddings'}: run the 'embed' stage first")
     return out
@@ -334,10 +341,33 @@ def _knowledge(config, workdir, class_names):
     return heads_lib.knowledge_for(class_names, path=path)
 
 
-def _zero_shot(text_weights, test, g) -> dict:
-    """Zero-shot top-k of the test embeddings against the class text embeddings the embed stage cached."""
-    x = arrays.l2_normalize(test["x"])
-    return accuracy.accuracy_summary(100.0 * x @ text_weights.T, test["y"], resamples=g.bootstrap, seed=g.seed)
+def _zero_shot(text_weights, test, g, predicted: dict) -> dict:
+    """Zero-shot top-k of the test embeddings against the class text embeddings the embed stage cached
+    (its top-1 classes go to ``predicted["zero_shot"]``)."""
+    logits = 100.0 * arrays.l2_normalize(test["x"]) @ text_weights.T
+    predicted["zero_shot"] = np.asarray(logits).argmax(axis=1)
+    return accuracy.accuracy_summary(logits, test["y"], resamples=g.bootstrap, seed=g.seed)
+
+
+def predictions_path(workdir, model: str) -> pathlib.Path:
+    """Where the evaluate stage writes the test predictions of every head of ``model`` (pretrained, finetuned)."""
+    return pathlib.Path(workdir) / "predictions" / f"{model}.npz"
+
+
+def save_predictions(path, class_names, labels, index, predicted: dict) -> None:
+    """``path`` (.npz): ``class_names``, the test ``labels`` and embedding ``index`` (rows of the test
+    split), and ``pred_<head>``: each head's top-1 class, row for row."""
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    embeddings.save_arrays(path, class_names=np.asarray(list(class_names)), labels=np.asarray(labels, np.int32),
+                           index=np.asarray(index), **{f"pred_{head}": np.asarray(p, np.int32)
+                                                       for head, p in predicted.items()})
+
+
+def load_predictions(path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """What ``save_predictions`` wrote: (class names, test labels, {head: top-1 classes})."""
+    with np.load(path) as f:
+        heads = {key[len("pred_"):]: f[key] for key in f.files if key.startswith("pred_")}
+        return [str(n) for n in f["class_names"]], f["labels"], heads
 
 
 # ---------------------------------------------------------------------------------------------
