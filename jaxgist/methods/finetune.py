@@ -39,7 +39,7 @@ from jaxgist.data import datasets, pipeline
 from jaxgist.methods import finetune_step
 from jaxgist.models import clip
 from jaxgist.models.clip import tokenizer
-from jaxgist.training import checkpoint, loop
+from jaxgist.training import checkpoint, config_checks, loop
 from jaxgist.training import metrics as metrics_lib
 from jaxgist.training import optim, parallel
 
@@ -90,22 +90,7 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     if config.train.export_hf and clip.config_from_model_config(config.model).is_resnet:
         raise config_lib.ConfigError("config.train.export_hf: HF's CLIPModel has no ResNet image tower; a ResNet "
                                      "CLIP stays in its Orbax checkpoints")
-    try:
-        optim.validate(config.optim)
-        parallel.check_rules(config.sharding.rules)
-        parallel.parse_mesh(config.mesh, jax.device_count() if num_devices is None else num_devices)
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
-    if check_data:
-        datasets.validate(config.data)
-
-
-def check_batch(config, mesh) -> None:
-    """The global batch must split evenly over the mesh's data-parallel devices (``data`` x ``fsdp``)."""
-    dp = parallel.data_size(mesh)
-    config_lib.require(config.train.global_batch % dp == 0,
-                       f"config.train.global_batch={config.train.global_batch} is not divisible by the "
-                       f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+    config_checks.check_training(config, num_devices, check_data=check_data)
 
 
 def total_steps(config, num_pairs: int) -> tuple[int, int]:
@@ -128,7 +113,7 @@ def compile_inputs(config, mesh):
     """(jitted step, abstract arguments, model config) of the train step: what ahead-of-time
     compilation (``python -m jaxgist.aot``) lowers. Reads no data and creates no parameters."""
     validate(config, num_devices=mesh.size, check_data=False)
-    check_batch(config, mesh)
+    config_checks.check_batch(config, mesh)
     model_cfg = clip.config_from_model_config(config.model)
     # the schedule's length does not change any shape: a placeholder when the job counts epochs
     setup = finetune_step.build(config, mesh, config.train.steps or 1000, model_cfg=model_cfg)
@@ -153,7 +138,7 @@ def train(config, workdir: str) -> dict:
                        f"jaxgist.training.checkpoint.export_hf(workdir, config.model, local_dir)")
     workdir = files.path(workdir)
     mesh = parallel.make_mesh(config.mesh)
-    check_batch(config, mesh)
+    config_checks.check_batch(config, mesh)
 
     source = datasets.source(config.data, config.data.train_split, workdir, with_captions=True)
     num_pairs = len(source) * config.data.num_captions
@@ -242,7 +227,7 @@ def evaluate_checkpoints(config, workdir: str, *, watch: bool) -> dict:
     """Zero-shot evaluation of one saved step (``evaluate``) or of each new one (``watch``)."""
     workdir = files.path(workdir)
     mesh = parallel.make_mesh(config.mesh)
-    check_batch(config, mesh)
+    config_checks.check_batch(config, mesh)
     source = datasets.source(config.data, config.data.train_split, workdir, with_captions=True)
     steps, _ = total_steps(config, len(source) * config.data.num_captions)
     setup = finetune_step.build(config, mesh, steps, model_cfg=clip.config_from_model_config(config.model))

@@ -46,7 +46,7 @@ from jaxgist.evaluation import text_embeddings
 from jaxgist.methods import gpt4image_step
 from jaxgist.models import clip, deit, projection, resnet
 from jaxgist.models.clip import tokenizer as tokenizer_lib
-from jaxgist.training import checkpoint, loop
+from jaxgist.training import checkpoint, config_checks, loop
 from jaxgist.training import metrics as metrics_lib
 from jaxgist.training import optim, parallel
 
@@ -135,14 +135,7 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
             raise config_lib.ConfigError(f"config.data.randaugment: {e}") from None
     req(config.evaluate.step >= -1, f"config.evaluate.step={config.evaluate.step} must be a saved step or -1")
     req(len(config.compare.seeds) >= 1, "config.compare.seeds must name at least one seed")
-    try:
-        optim.validate(config.optim)
-        parallel.check_rules(config.sharding.rules)
-        parallel.parse_mesh(config.mesh, jax.device_count() if num_devices is None else num_devices)
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
-    if check_data:
-        datasets.validate(config.data)
+    config_checks.check_training(config, num_devices, check_data=check_data)
 
 
 def compile_inputs(config, mesh):
@@ -152,9 +145,7 @@ def compile_inputs(config, mesh):
     import types
 
     validate(config, num_devices=mesh.size, check_data=False)
-    dp = parallel.data_size(mesh)
-    config_lib.require(config.train.global_batch % dp == 0, f"config.train.global_batch={config.train.global_batch} "
-                       f"is not divisible by the {dp} data-parallel devices of mesh {dict(mesh.shape)}")
+    config_checks.check_batch(config, mesh)
     num_classes = config.model.num_classes or 1000
     text_dim = (_clip_embed_dim(config) or 1024) if config.gpt4image.text_loss else 0
     per_epoch = 1000
@@ -408,9 +399,7 @@ def train(config, workdir) -> dict:
     t_start = time.perf_counter()
     workdir = files.path(workdir)
     mesh = parallel.make_mesh(config.mesh)
-    dp = parallel.data_size(mesh)
-    config_lib.require(config.train.global_batch % dp == 0, f"config.train.global_batch={config.train.global_batch} "
-                       f"is not divisible by the {dp} data-parallel devices of mesh {dict(mesh.shape)}")
+    config_checks.check_batch(config, mesh)
     full, train_src, minival_src, test_src = splits(config, workdir)
     num_classes = num_classes_of(config, full)
     text_on = bool(config.gpt4image.text_loss)
