@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgist.models.layers import BatchNorm, Dense, dot_product_attention, fused_projections
+from jaxgist.models.layers import BatchNorm, Dense, dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,8 @@ class AttentionPool(nnx.Module):
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos.astype(x.dtype)[None]
         h, hd = self.heads, d // self.heads
         q = self.q_proj(x[:, :1]).reshape(b, 1, h, hd)
-        k, v = (t.reshape(b, -1, h, hd) for t in fused_projections(x, (self.k_proj, self.v_proj)))
+        k = self.k_proj(x).reshape(b, -1, h, hd)
+        v = self.v_proj(x).reshape(b, -1, h, hd)
         return self.c_proj(dot_product_attention(q, k, v).reshape(b, d))
 
 
