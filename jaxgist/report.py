@@ -14,27 +14,42 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 from absl import app, flags, logging
 
-_OUT = flags.DEFINE_string("out", "report", "Directory to write index.html, table.md, table.csv and figures/ into.")
-_METRIC = flags.DEFINE_string("metric", "test_top1", "The results.json metric of the table and figures.")
-_GALLERY = flags.DEFINE_integer("gallery_images", 24, "Training images shown per run in the gallery (0: none).")
-_THUMBNAIL = flags.DEFINE_integer("thumbnail_size", 112, "Longest side of the gallery thumbnails, in pixels.")
-_TITLE = flags.DEFINE_string("title", "", "The page's title (default: jaxgist report).")
+_FLAGS = None
+
+
+def _define_flags():
+    """The command's flags, defined when it runs rather than on import (another module of the process,
+    such as ``jaxgist.data.synthetic``, may define a flag of the same name)."""
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = types.SimpleNamespace(
+            out=flags.DEFINE_string("out", "report",
+                                    "Directory to write index.html, table.md, table.csv and figures/ into."),
+            metric=flags.DEFINE_string("metric", "test_top1", "The results.json metric of the table and figures."),
+            gallery=flags.DEFINE_integer("gallery_images", 24,
+                                         "Training images shown per run in the gallery (0: none)."),
+            thumbnail=flags.DEFINE_integer("thumbnail_size", 112, "Longest side of the gallery thumbnails, in pixels."),
+            title=flags.DEFINE_string("title", "", "The page's title (default: jaxgist report)."),
+        )
+    return _FLAGS
 
 
 def main(argv) -> None:
     if len(argv) < 2:
         raise app.UsageError("give one or more workdirs or sweep folders: python -m jaxgist.report runs/gist ...")
-    if _GALLERY.value < 0 or _THUMBNAIL.value < 16:
+    f = _define_flags()
+    if f.gallery.value < 0 or f.thumbnail.value < 16:
         raise app.UsageError("--gallery_images must be >= 0 and --thumbnail_size >= 16")
     logging.set_verbosity(logging.INFO)
     from jaxgist.reports import build
 
     try:
-        report = build.write_report(argv[1:], _OUT.value, metric=_METRIC.value, gallery_images=_GALLERY.value,
-                                    thumbnail_size=_THUMBNAIL.value, title=_TITLE.value)
+        report = build.write_report(argv[1:], f.out.value, metric=f.metric.value, gallery_images=f.gallery.value,
+                                    thumbnail_size=f.thumbnail.value, title=f.title.value)
     except (OSError, ValueError) as e:
         if os.environ.get("JAXGIST_TRACEBACK") == "1":
             raise
@@ -51,6 +66,7 @@ def main(argv) -> None:
 
 
 def cli() -> None:
+    _define_flags()
     app.run(main)
 
 

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from typing import Sequence
 
 from absl import app, flags
@@ -45,14 +46,27 @@ LAUNCHERS = ("local", "slurm", "tpu_pod")
 JOB = (sys.executable, "-m", "jaxgist")  # the command of one point, before its --config and --workdir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file of every point, e.g. configs/gist.py[:arg].")
-_GRID = flags.DEFINE_multi_string("grid", [], "An axis: KEY=V1,V2,... (repeat for more axes).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder: one workdir per point inside it.")
-_LAUNCH = flags.DEFINE_enum("launch", "local", LAUNCHERS, "local: run the points here, one after the other; "
-                            "slurm / tpu_pod: write the launch script of the unfinished points.")
-_REDO = flags.DEFINE_bool("redo", False, "Rerun points that are done, too.")
-_STREAM = flags.DEFINE_bool("stream", True, "Also show each point's output here (it always goes to <point>/sweep.log).")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command and state; run and write nothing.")
+_FLAGS = None
+
+
+def _define_flags():
+    """The command's flags, defined when it runs rather than on import: ``jaxgist.main`` defines
+    ``--config`` and ``--workdir`` too, and a process (the tests) may import both modules."""
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = types.SimpleNamespace(
+            config=flags.DEFINE_string("config", None, "Config file of every point, e.g. configs/gist.py[:arg]."),
+            grid=flags.DEFINE_multi_string("grid", [], "An axis: KEY=V1,V2,... (repeat for more axes)."),
+            workdir=flags.DEFINE_string("workdir", None, "The sweep's folder: one workdir per point inside it."),
+            launch=flags.DEFINE_enum("launch", "local", LAUNCHERS, "local: run the points here, one after the "
+                                     "other; slurm / tpu_pod: write the launch script of the unfinished points."),
+            redo=flags.DEFINE_bool("redo", False, "Rerun points that are done, too."),
+            stream=flags.DEFINE_bool("stream", True,
+                                     "Also show each point's output here (it always goes to <point>/sweep.log)."),
+            dry_run=flags.DEFINE_bool("dry_run", False, "Print each point's command and state; run and write nothing."),
+        )
+        flags.mark_flags_as_required(["config", "workdir"])
+    return _FLAGS
 
 
 class SweepError(ValueError):
@@ -464,8 +478,9 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        code = sweep(_CONFIG.value, _GRID.value, _WORKDIR.value, _OVERRIDES, launch=_LAUNCH.value,
-                     redo=_REDO.value, stream=_STREAM.value, dry_run=_DRY_RUN.value)
+        f = _define_flags()
+        code = sweep(f.config.value, f.grid.value, f.workdir.value, _OVERRIDES, launch=f.launch.value,
+                     redo=f.redo.value, stream=f.stream.value, dry_run=f.dry_run.value)
     except (SweepError, OSError) as e:
         if os.environ.get("JAXGIST_TRACEBACK") == "1":
             raise
@@ -479,7 +494,7 @@ _OVERRIDES: list[str] = []
 
 def cli() -> None:
     global _OVERRIDES
-    flags.mark_flags_as_required(["config", "workdir"])
+    _define_flags()
     try:
         argv, _OVERRIDES = split_overrides(sys.argv)
     except SweepError as e:
