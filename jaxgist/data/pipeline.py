@@ -97,7 +97,7 @@ class _ClassifierTrainExample:
                  randaugment: str = "", erasing_prob: float = 0.0):
         self.image_size, self.skip_unreadable = image_size, skip_unreadable
         self.interpolation, self.erasing_prob = interpolation, erasing_prob
-        self.randaugment = (augment.RandAugment.parse(randaugment, fill=augment_fill(), interpolation=interpolation)
+        self.randaugment = (augment.RandAugment.parse(randaugment, fill=transforms.IMAGENET_FILL, interpolation=interpolation)
                             if randaugment else None)
 
     def __call__(self, record, rng: np.random.Generator):
@@ -111,11 +111,6 @@ class _ClassifierTrainExample:
         if "text_embedding" in record:
             out["text_embedding"] = np.asarray(record["text_embedding"], np.float32)
         return out
-
-
-def augment_fill() -> tuple[int, int, int]:
-    """RandAugment's fill colour for ImageNet-normalized classifiers: timm's ``round(255 * mean)``."""
-    return tuple(min(255, round(255 * float(m))) for m in transforms.IMAGENET_MEAN)
 
 
 class _RepeatedAugmentation(grain.MapDataset):

@@ -49,6 +49,7 @@ __all__ = [
     "train_preprocess",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGENET_FILL",
     "INTERPOLATIONS",
     "classifier_train_preprocess",
     "classifier_eval_preprocess",
@@ -61,6 +62,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # torchvision's ImageNet normalization (classifiers trained on ImageNet: GPT4Image's ResNet and DeiT).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# RandAugment's fill colour for ImageNet-normalized classifiers: timm's ``round(255 * mean)``.
+IMAGENET_FILL = tuple(min(255, round(255 * float(m))) for m in IMAGENET_MEAN)
 
 # Evaluation preprocessing rules (module docstring): torchvision's (OpenAI's clip, open_clip) and HF's.
 CROP_ROUNDINGS = ("torchvision", "hf")

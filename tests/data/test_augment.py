@@ -13,7 +13,7 @@ from PIL import Image
 
 from jaxgist.data import augment, pipeline, transforms
 
-FILL = pipeline.augment_fill()
+FILL = transforms.IMAGENET_FILL
 
 
 @pytest.fixture(scope="module")
