@@ -25,7 +25,9 @@ from jaxgist.core import files
 RUN = "run"  # the key of the run metadata in results.json
 # the metrics a table shows, in this order, with their bootstrap std when there is one
 TABLE_METRICS = ("test_top1", "test_top3", "test_top5", "val_top1", "val_zero_shot_top1", "zero_shot_top1",
-                 "chosen_test_top1", "minival_top1")
+                 "chosen_test_top1", "minival_top1",
+                 # captioning (x 100, as papers print them)
+                 "test_Bleu_4", "test_METEOR", "test_ROUGE_L", "test_CIDEr", "test_SPICE", "val_CIDEr")
 
 
 class ResultsError(ValueError):

@@ -49,8 +49,9 @@ def _lengths(ids: np.ndarray, pad_id: int) -> np.ndarray:
 
 
 def encode(model, tokenize: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str], *, batch_size: int = 256,
-           pad_id: int = 0) -> np.ndarray:
-    """Unit-norm CLIP text embeddings [N, E] (float32) of ``texts``, in their order."""
+           pad_id: int = 0, normalize: bool = True) -> np.ndarray:
+    """Unit-norm CLIP text embeddings [N, E] (float32) of ``texts``, in their order (``normalize=False``:
+    as the text projection gives them)."""
     if not len(texts):
         raise ValueError("no texts to encode")
     ids = np.asarray(tokenize(list(texts)))
@@ -66,7 +67,7 @@ def encode(model, tokenize: Callable[[Sequence[str]], np.ndarray], texts: Sequen
         if out is None:
             out = np.zeros((len(texts), emb.shape[1]), np.float32)
         out[rows] = emb
-    return arrays.l2_normalize(out).astype(np.float32)
+    return (arrays.l2_normalize(out) if normalize else out).astype(np.float32)
 
 
 def _part_path(directory: str, i: int) -> str:
@@ -112,10 +113,11 @@ def _check_manifest(directory: str, keys, texts, part_size: int, model, model_id
 
 
 def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.PathLike, *, part_size: int = 4096,
-                batch_size: int = 256, pad_id: int = 0, model_id: str = "") -> dict:
+                batch_size: int = 256, pad_id: int = 0, model_id: str = "", normalize: bool = True) -> dict:
     """Encodes ``texts`` ({key: text}) into an embedding store at ``directory`` (module docstring);
     returns {"texts", "dim", "parts", "parts_encoded", "seconds", "texts_per_s"}. ``model_id`` (the
-    checkpoint's name) goes into the manifest that tells stale parts."""
+    checkpoint's name) goes into the manifest that tells stale parts; ``normalize=False`` stores the
+    embeddings unnormalized."""
     if part_size < 1:
         raise ValueError(f"part_size={part_size} must be >= 1")
     directory = os.fspath(directory)
@@ -123,7 +125,7 @@ def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.P
     if not keys:
         raise ValueError("no texts to encode")
     num_parts = -(-len(keys) // part_size)
-    _check_manifest(directory, keys, texts, part_size, model, model_id)
+    _check_manifest(directory, keys, texts, part_size, model, model_id if normalize else f"{model_id} (unnormalized)")
     mine = [i for i in range(num_parts) if i % jax.process_count() == jax.process_index()]
     todo = [i for i in mine if not os.path.isfile(_part_path(directory, i))]
     if len(todo) < len(mine):
@@ -132,7 +134,8 @@ def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.P
     t0, encoded = time.perf_counter(), 0
     for n, i in enumerate(todo):
         part_keys = keys[i * part_size:(i + 1) * part_size]
-        vectors = encode(model, tokenize, [texts[k] for k in part_keys], batch_size=batch_size, pad_id=pad_id)
+        vectors = encode(model, tokenize, [texts[k] for k in part_keys], batch_size=batch_size, pad_id=pad_id,
+                         normalize=normalize)
         _write_part(_part_path(directory, i), vectors)
         encoded += len(part_keys)
         rate = encoded / max(time.perf_counter() - t0, 1e-9)

@@ -20,6 +20,7 @@ REGISTRY = {
     "gist": "jaxgist.methods.gist",
     "describe": "jaxgist.methods.describe",
     "gpt4image": "jaxgist.methods.gpt4image",
+    "cgtgan": "jaxgist.methods.cgtgan",
 }
 
 

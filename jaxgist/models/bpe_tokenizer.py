@@ -207,3 +207,28 @@ def load(name_or_path: str | os.PathLike, kind: str | None = None, *,
         raise FileNotFoundError(f"{directory}: not a {kind} tokenizer directory: missing {' and '.join(absent)} "
                                 "(or a tokenizer.json)")
     return from_files(directory / "vocab.json", directory / "merges.txt", kind, clean_up_spaces=clean)
+
+
+def train(texts: Sequence[str], directory: str | os.PathLike, kind: str, *, vocab_size: int = 1000) -> BPETokenizer:
+    """Trains a small byte-level BPE of ``kind`` on ``texts`` and saves it as an HF directory
+    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``): a stand-in vocabulary for offline demos
+    and tests, where GPT-2's and RoBERTa's own cannot be downloaded. Returns it loaded."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("no texts to train a tokenizer on")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    # RoBERTa's special ids as in its vocabulary: <s> 0, <pad> 1, </s> 2, <unk> 3
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if kind == "roberta" else ["<|endoftext|>"]
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=special,
+                            show_progress=False)
+    bpe.save_model(str(directory))
+    config = {"tokenizer_class": "GPT2Tokenizer" if kind == "gpt2" else "RobertaTokenizer",
+              "clean_up_tokenization_spaces": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return load(directory, kind)
