@@ -75,7 +75,7 @@ def compile_train_step(config, devices: Sequence[Any], *, topology: str = "", hb
     common = dict(
         topology=topology, device_kind=kind, num_devices=len(devices),
         num_hosts=len({d.process_index for d in devices}), mesh={k: int(v) for k, v in mesh.shape.items()},
-        model=_model_name(config.model), num_params=num_params, param_dtype=np.dtype(model_cfg.param_dtype).name,
+        model=getattr(model_cfg, "name", None) or _model_name(config.model), num_params=num_params, param_dtype=np.dtype(model_cfg.param_dtype).name,
         compute_dtype=np.dtype(model_cfg.dtype).name, remat=bool(model_cfg.remat), global_batch=global_batch,
         per_device_batch=global_batch // parallel.data_size(mesh), hbm_bytes=hbm, argument_bytes=argument_bytes,
         lower_seconds=lower_s, compile_seconds=compile_s)

@@ -72,6 +72,12 @@ def default_config() -> ml_collections.ConfigDict:
         crop_rounding="torchvision"))
     c.clip = clip.default_model_config("ViT-L/14")
     c.clip.update(dict(batch=256, part_size=16384))
+    # offline demos only: with steps > 0 and no clip.init, a CLIP of clip.preset is first trained from
+    # scratch on generated birds of other species (GIST's pretrain stage) and used as the frozen CLIP
+    c.pretrain = ml_collections.ConfigDict(dict(
+        steps=0, synthetic=dict(first_class=20, num_classes=20, train_per_class=20, image_size=48, seed=1,
+                                num_captions=5),
+        global_batch=64, lr=1e-3, warmup_steps=30, weight_decay=0.1, num_captions=5))
     c.tokenizers = ml_collections.ConfigDict(dict(gpt2="gpt2", roberta="roberta-base", vocab_size=1000))
     c.generator = ml_collections.ConfigDict(dict(init="gpt2", prefix_length=10, normalize_prefix=False, overrides={}))
     c.discriminator = ml_collections.ConfigDict(dict(init="roberta-base", overrides={}))
@@ -101,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:
     config_lib.check_keys(config, default_config(), free=("generator.overrides", "discriminator.overrides",
-                                                          "clip.preset", "mesh", "sharding.rules", "evaluate.metrics",
+                                                          "clip.preset", "pretrain.synthetic", "mesh", "sharding.rules", "evaluate.metrics",
                                                           "evaluate.val_metrics", "data.synthetic"))
     clip.check_model_config(config.clip)
     req = config_lib.require
@@ -137,6 +143,53 @@ def validate(config, num_devices: int | None = None, *, check_data: bool = True)
     req(config.evaluate.step >= -1, f"config.evaluate.step={config.evaluate.step} must be a saved step or -1")
     optim.validate(config.initialize.optim)
     config_checks.check_training(config, num_devices, check_data=False)
+
+
+def _abstract_models(config, prefix_dim: int, gpt_vocab: int | None, roberta_vocab: int | None, roberta_pad: int = 1):
+    """Shape-only generator, discriminator and CLIP of ``config`` (no weights read: hub names are taken as
+    the presets they name)."""
+    g, d = config.generator, config.discriminator
+    fields = dict(prefix_dim=prefix_dim, prefix_length=g.prefix_length, normalize_prefix=g.normalize_prefix)
+    gpt_over = {**({"vocab_size": gpt_vocab} if gpt_vocab else {}), **dict(g.overrides)}
+    gcfg = gpt2_lib.resolve_config(g.init if g.init in gpt2_lib.PRESETS else "gpt2", **gpt_over)
+    rob_over = {**({"vocab_size": roberta_vocab, "pad_token_id": roberta_pad} if roberta_vocab else {}),
+                **dict(d.overrides)}
+    rcfg = roberta_lib.resolve_config(d.init if d.init in roberta_lib.PRESETS else "roberta-base", **rob_over)
+    return {
+        GENERATOR: nnx.eval_shape(lambda: captioner.create_captioner(gpt2=gcfg, seed=0, **fields)),
+        DISCRIMINATOR: nnx.eval_shape(lambda: captioner.Discriminator(roberta_lib.Roberta(rcfg, rngs=nnx.Rngs(0)),
+                                                                      rngs=nnx.Rngs(0))),
+        CLIP: clip.abstract_from_config(config.clip),
+    }
+
+
+def compile_inputs(config, mesh):
+    """(jitted adversarial step, abstract (state, batch), numerics) for ahead-of-time compilation
+    (``python -m jaxgist.aot``): GPT-2, RoBERTa and CLIP of the config's presets (hub names read as the
+    presets they name; ``tokenizers=train`` vocabularies at ``tokenizers.vocab_size``). Reads no data."""
+    import types
+
+    validate(config, num_devices=mesh.size, check_data=False)
+    config_checks.check_batch(config, mesh)
+    prefix_dim = clip.config_from_model_config(config.clip).embed_dim
+    trained = config.tokenizers.vocab_size
+    models = _abstract_models(config, prefix_dim, trained if config.tokenizers.gpt2 == "train" else None,
+                              trained if config.tokenizers.roberta == "train" else None)
+    total = config.train.steps or 1000
+    txs, schedules = {}, {}
+    for name in (GENERATOR, DISCRIMINATOR):
+        txs[name], schedules[name] = optim.make(config.optim, nnx.state(models[name], nnx.Param), total)
+    setup = cgtgan_step.build_adversarial(mesh, models, txs, schedules, _rewards(config), rules=config.sharding.rules,
+                                          seed=config.seed)
+    g = config.cgtgan
+    spec = cgtgan_step.adversarial_batch_spec(config.train.global_batch, g.samples, g.max_tokens, prefix_dim,
+                                              g.clip_context, g.max_tokens + 2)
+    gpt = models[GENERATOR].gpt.config
+    name = (f"CgT-GAN: GPT-2 {gpt.layers}x{gpt.width} + RoBERTa "
+            f"{models[DISCRIMINATOR].text_encoder.config.layers}x{models[DISCRIMINATOR].text_encoder.config.width}"
+            f" + CLIP {config.clip.init or 'preset'} (frozen)")
+    numerics = types.SimpleNamespace(param_dtype=jnp.float32, dtype=jnp.float32, remat=False, name=name)
+    return setup.update, (setup.abstract_state, cgtgan_step.abstract_batch(spec, mesh)), numerics
 
 
 def run(config, workdir: str) -> dict:
@@ -203,6 +256,35 @@ def corpus_sentences(config, workdir, train_images) -> list[str]:
     return texts
 
 
+def pretrain_clip(config, workdir) -> str | None:
+    """With ``pretrain.steps`` and no ``clip.init`` (offline demos): trains ``clip.preset`` from scratch on
+    generated birds of other species than the captioning set's, with their captions (GIST's pretrain
+    stage, ``<workdir>/pretrain``), once; returns its Hugging Face export (None when not configured)."""
+    if not config.pretrain.steps or config.clip.init:
+        return None
+    from jaxgist.methods import gist
+
+    workdir = files.path(workdir)
+    exported = workdir / "pretrain" / "hf"
+    if not (exported / "config.json").exists():
+        shim = gist.default_config()
+        shim.model.update(dict(init="", preset=dict(config.clip.preset)))
+        shim.pretrain.update(config.pretrain.to_dict())
+        shim.mesh, shim.sharding, shim.distributed, shim.seed = config.mesh, config.sharding, config.distributed, \
+            config.seed
+        gist.pretrain(shim, workdir)
+    return str(exported)
+
+
+def clip_config(config, workdir):
+    """``config.clip``, with ``init`` the demo's pretrained CLIP when ``pretrain`` is configured."""
+    c = ml_collections.ConfigDict(config.clip.to_dict())
+    exported = pretrain_clip(config, workdir)
+    if exported:
+        c.init, c.preset = exported, None
+    return c
+
+
 def _store(workdir, name: str) -> str:
     return os.path.join(os.fspath(workdir), "embeddings", name)
 
@@ -232,7 +314,8 @@ def _rows(store: embedding_store.EmbeddingStore, keys) -> np.ndarray:
 def prepare(config, workdir) -> dict:
     """The CLIP embeddings and the CLIP-aggregated targets (module docstring); returns their figures."""
     t0 = time.perf_counter()
-    model = clip.from_config(config.clip, seed=config.seed)
+    clip_cfg = clip_config(config, workdir)
+    model = clip.from_config(clip_cfg, seed=config.seed)
     tokenize = clip_tokenizer.load(config.clip.tokenizer or None)
     train_images = split_images(config, workdir, "train")
     out = {}
@@ -247,7 +330,7 @@ def prepare(config, workdir) -> dict:
     if not embedding_store.exists(corpus_dir):
         text_embeddings.build_store(model, tokenize, dict(zip(keys, texts)), corpus_dir,
                                     part_size=config.clip.part_size, batch_size=config.clip.batch,
-                                    pad_id=tokenize.pad_id, model_id=config.clip.init or repr(config.clip.preset),
+                                    pad_id=tokenize.pad_id, model_id=clip_cfg.init or repr(clip_cfg.preset),
                                     normalize=False)
     corpus = embedding_store.EmbeddingStore(corpus_dir)
     out["corpus_sentences"] = len(corpus)
@@ -547,7 +630,7 @@ class Adversarial:
         self.total = total if total is not None else _total(config.train, self.batches.per_epoch)
         abstract_g = make_generator(config, self.prefix_dim, self.gpt_tok.vocab_size, seed=config.seed, abstract=True)
         _check_vocab(abstract_g.gpt.config.vocab_size, self.gpt_tok, "GPT-2")
-        self.clip_model = clip.from_config(config.clip, seed=config.seed)
+        self.clip_model = clip.from_config(clip_config(config, self.workdir), seed=config.seed)
         if self.clip_model.config.embed_dim != self.prefix_dim:
             raise ValueError(f"config.clip embeds in {self.clip_model.config.embed_dim} dimensions but the stored "
                              f"image embeddings have {self.prefix_dim}: prepare them with the same CLIP")
@@ -582,6 +665,7 @@ class Adversarial:
         rows = np.sort(rows)
         b, k = len(rows), self.k
         image_embeds = self.train_embeds[rows]
+        t0 = time.perf_counter()
         gen = self.setup.layout.merge(state, GENERATOR)
         gen.eval()
         stop = self.gpt_tok.stop_id if self.gpt_tok.stop_id is not None else 13
@@ -592,8 +676,10 @@ class Adversarial:
         sampled = gen.sample(x, jax.random.fold_in(self.key, position), num_samples=k, temperature=g.temperature,
                              top_k=g.top_k, top_p=g.top_p, dropout=g.sample_dropout, max_new_tokens=self.max_tokens,
                              stop_id=stop, pad_id=pad)
-        greedy_text = self.gpt_tok.decode(np.asarray(greedy.tokens))
-        sample_text = self.gpt_tok.decode(np.asarray(sampled.tokens).reshape(b * k, -1))
+        greedy_tokens, sample_tokens = np.asarray(greedy.tokens), np.asarray(sampled.tokens)  # waits for decoding
+        t1 = time.perf_counter()
+        greedy_text = self.gpt_tok.decode(greedy_tokens)
+        sample_text = self.gpt_tok.decode(sample_tokens.reshape(b * k, -1))
         texts = []
         for i in range(b):
             texts.extend(sample_text[i * k:(i + 1) * k] + [greedy_text[i]])
@@ -610,10 +696,14 @@ class Adversarial:
             "fake_ids": fake_ids.reshape(b, k + 1, -1), "fake_mask": fake_mask.reshape(b, k + 1, -1),
             "real_ids": self.real_ids[real].reshape(b, k, -1), "real_mask": self.real_mask[real].reshape(b, k, -1),
         }
+        self.host_seconds = {"decode_s": t1 - t0, "retokenize_s": time.perf_counter() - t1}
         return parallel_batch(self.mesh, batch)
 
     def step(self, state, item):
-        return self.setup.update(state, self.host_batch(state, item))
+        """Decoding and re-tokenization on the host, then the jitted update; the host's two times are
+        logged as ``decode_s`` and ``retokenize_s`` beside the step's metrics."""
+        state, metrics = self.setup.update(state, self.host_batch(state, item))
+        return state, {**metrics, **self.host_seconds}
 
 
 def _val_images(config, workdir):
@@ -679,7 +769,10 @@ def train(config, workdir) -> dict:
             row["step"] = float(best)
             row["epoch"] = best / per_epoch
         table[name] = row
-    out = {"steps": adv.total, "steps_per_epoch": per_epoch, "start_step": start, "best_step": best,
+    host = [r for r in metrics_lib.read_jsonl(files.join(workdir, "metrics.jsonl")) if "train/retokenize_s" in r]
+    timing = {f"mean_{k}": round(float(np.mean([r[f"train/{k}"] for r in host])), 4)
+              for k in ("decode_s", "retokenize_s", "step_time_s")} if host else {}
+    out = {"steps": adv.total, "steps_per_epoch": per_epoch, "start_step": start, "best_step": best, **timing,
            "train_images": len(adv.train_keys), "corpus_sentences": len(adv.texts),
            "seconds": round(time.perf_counter() - t_start, 2),
            **({"final_loss": last_train["loss"]} if "loss" in last_train else {})}

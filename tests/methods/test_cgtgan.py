@@ -96,6 +96,8 @@ def test_runlocal_end_to_end_and_resume(tmp_path):
     assert os.path.isfile(os.path.normpath(workdir / "captions" / first.split("](")[1].split(")")[0]))
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/reward_sem" in m for m in metrics) and any("val/CIDEr" in m for m in metrics)
+    assert 0 < run["mean_retokenize_s"] < run["mean_step_time_s"] and run["mean_decode_s"] > 0
+    assert (workdir / "pretrain" / "hf" / "config.json").is_file()  # the demo's CLIP, trained first
     # a rerun trains nothing and scores the same checkpoint again
     again = cgtgan.run(c, str(workdir))["cgtgan"]
     assert again["run"]["start_step"] == run["steps"]

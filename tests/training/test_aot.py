@@ -184,14 +184,16 @@ def test_cli_without_libtpu_names_the_extra(monkeypatch):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("config_file", ["demo", "flip", "gpt4image"])
+@pytest.mark.parametrize("config_file", ["demo", "flip", "gpt4image", "cgtgan"])
 def test_other_methods_compile_their_train_step(v5e_2x2, config_file):
-    """GIST (its fine-tuning stage), FLIP and GPT4Image (classifier, projection and EMA) compile through
+    """GIST (its fine-tuning stage), FLIP, GPT4Image (classifier, projection and EMA) and CgT-GAN (its
+    adversarial step: generator, discriminator and the frozen CLIP) compile through
     the same command; a method without a train step is refused before anything is compiled."""
-    from configs import demo, flip, gpt4image
+    from configs import cgtgan, demo, flip, gpt4image
 
     c = {"demo": lambda: demo.get_config("runlocal"), "flip": lambda: flip.get_config("small"),
-         "gpt4image": lambda: gpt4image.get_config("model=deit_b,runlocal")}[config_file]()
+         "gpt4image": lambda: gpt4image.get_config("model=deit_b,runlocal"),
+         "cgtgan": lambda: cgtgan.get_config("runlocal")}[config_file]()
     c.train.global_batch = 8
     r = aot.compile_train_step(c, v5e_2x2, topology="v5e:2x2")
     assert r.fits and r.num_params > 0 and r.per_device_batch == 2 and r.temp_bytes is not None
