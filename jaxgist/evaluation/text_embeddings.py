@@ -70,11 +70,13 @@ def encode(model, tokenize: Callable[[Sequence[str]], np.ndarray], texts: Sequen
     return (arrays.l2_normalize(out) if normalize else out).astype(np.float32)
 
 
-def _part_path(directory: str, i: int) -> str:
+def part_path(directory: str, i: int) -> str:
+    """Where part ``i`` of a store being built in ``directory`` is kept until the store is assembled."""
     return os.path.join(directory, "parts", f"part-{i:05d}.npy")
 
 
-def _write_part(path: str, vectors: np.ndarray) -> None:
+def write_part(path: str, vectors: np.ndarray) -> None:
+    """Writes one finished part atomically (a rerun sees it whole or not at all)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
@@ -127,7 +129,7 @@ def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.P
     num_parts = -(-len(keys) // part_size)
     _check_manifest(directory, keys, texts, part_size, model, model_id if normalize else f"{model_id} (unnormalized)")
     mine = [i for i in range(num_parts) if i % jax.process_count() == jax.process_index()]
-    todo = [i for i in mine if not os.path.isfile(_part_path(directory, i))]
+    todo = [i for i in mine if not os.path.isfile(part_path(directory, i))]
     if len(todo) < len(mine):
         logging.info("text embeddings: %d of %d part(s) already written in %s; encoding the other %d",
                      len(mine) - len(todo), len(mine), directory, len(todo))
@@ -136,7 +138,7 @@ def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.P
         part_keys = keys[i * part_size:(i + 1) * part_size]
         vectors = encode(model, tokenize, [texts[k] for k in part_keys], batch_size=batch_size, pad_id=pad_id,
                          normalize=normalize)
-        _write_part(_part_path(directory, i), vectors)
+        write_part(part_path(directory, i), vectors)
         encoded += len(part_keys)
         rate = encoded / max(time.perf_counter() - t0, 1e-9)
         left = sum(min(part_size, len(keys) - j * part_size) for j in todo[n + 1:])
@@ -148,11 +150,11 @@ def build_store(model, tokenize, texts: Mapping[str, str], directory: str | os.P
     if jax.process_index() == 0:
         pieces = []
         for i in range(num_parts):
-            part = np.load(_part_path(directory, i))
+            part = np.load(part_path(directory, i))
             expected = min(part_size, len(keys) - i * part_size)
             if part.ndim != 2 or part.shape[0] != expected:
                 raise embedding_store.EmbeddingStoreError(
-                    f"{_part_path(directory, i)} has shape {part.shape}, expected {expected} rows: delete it and rerun")
+                    f"{part_path(directory, i)} has shape {part.shape}, expected {expected} rows: delete it and rerun")
             pieces.append(part)
         vectors = np.concatenate(pieces)
         dim = int(vectors.shape[1])

@@ -75,7 +75,7 @@ from absl import logging
 
 from jaxgist.core import arrays, files
 from jaxgist.data import embedding_store
-from jaxgist.evaluation.text_embeddings import _part_path, _write_part
+from jaxgist.evaluation.text_embeddings import part_path, write_part
 from jaxgist.training import parallel
 
 __all__ = ["aggregate", "reference_aggregate", "write_targets", "TEMPERATURES"]
@@ -367,7 +367,7 @@ def write_targets(directory: str | os.PathLike, keys: Sequence[str], image_embed
     mine = [i for i in range(num_parts) if i % jax.process_count() == jax.process_index()]
     todo = []
     for i in mine:
-        path = _part_path(directory, i)
+        path = part_path(directory, i)
         if os.path.isfile(path) and not _part_ok(path, rows_of(i), d):
             logging.warning("CLIP-aggregated targets: %s is damaged (not float32 [%d, %d]); computing it again",
                             path, rows_of(i), d)
@@ -386,7 +386,7 @@ def write_targets(directory: str | os.PathLike, keys: Sequence[str], image_embed
         start = i * part_size
         vectors = aggregate(images[start:start + rows_of(i)], corpus, t, image_block=image_block,
                             corpus_block=corpus_block)
-        _write_part(_part_path(directory, i), vectors)
+        write_part(part_path(directory, i), vectors)
         done += rows_of(i)
         if progress:
             rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -403,7 +403,7 @@ def write_targets(directory: str | os.PathLike, keys: Sequence[str], image_embed
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
         try:
             for i in range(num_parts):
-                path = _part_path(directory, i)
+                path = part_path(directory, i)
                 if not _part_ok(path, rows_of(i), d):
                     raise embedding_store.EmbeddingStoreError(
                         f"{path} is missing or is not float32 [{rows_of(i)}, {d}]: delete it and rerun")

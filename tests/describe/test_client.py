@@ -218,7 +218,9 @@ def test_a_killed_run_resumes_without_asking_again(tmp_path, concurrency):
         assert not {server.expected(p) for p in asked_again} & cached  # nothing received and cached is asked
         assert len(server.log) == len(set(server.log))
         if concurrency == 1:  # each answer is cached before the next request: exactly the rest is asked
-            assert sorted(server.log) == sorted(f"prompt number {i}" for i in range(kill_at, n)) and not asked_again
+            # the request the client died on may have been answered (never cached) before the kill landed
+            assert sorted(server.log) == sorted(f"prompt number {i}" for i in range(kill_at, n))
+            assert not asked_again - {f"prompt number {kill_at}"}
         assert len(asked_again) < concurrency
         uninterrupted = Client(settings(server)).run(requests(n))
     assert [(r.key, r.value, r.ok) for r in results] == [(r.key, r.value, r.ok) for r in uninterrupted]

@@ -102,3 +102,9 @@ def test_runlocal_end_to_end_and_resume(tmp_path):
     again = cgtgan.run(c, str(workdir))["cgtgan"]
     assert again["run"]["start_step"] == run["steps"]
     assert again["CgT-GAN"]["adversarial"]["test_CIDEr"] == pytest.approx(table["adversarial"]["test_CIDEr"])
+    # evaluate: the best step by val CIDEr (here the last) scores as the training run did
+    c.mode = "evaluate"
+    scored = cgtgan.run(c, str(workdir))["cgtgan"]["CgT-GAN"][f"step_{run['best_step']}"]
+    for key in ("test_CIDEr", "test_Bleu_4", "val_CIDEr"):
+        assert scored[key] == pytest.approx(table["adversarial"][key]), key
+    assert (workdir / "captions" / f"step_{run['best_step']}_test.json").is_file()
