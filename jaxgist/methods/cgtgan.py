@@ -337,8 +337,7 @@ def prepare(config, workdir) -> dict:
     targets_dir = _store(workdir, "targets")
     if not embedding_store.exists(targets_dir):
         train_keys = list(stores["train"].keys)
-        corpus_array = np.load(os.path.join(corpus_dir, embedding_store.ARRAY), mmap_mode="r")
-        clip_aggregate.write_targets(targets_dir, train_keys, _rows(stores["train"], train_keys), corpus_array,
+        clip_aggregate.write_targets(targets_dir, train_keys, _rows(stores["train"], train_keys), corpus.array,
                                      config.cgtgan.agg_temperature, part_size=config.cgtgan.agg_part_size)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
@@ -488,7 +487,7 @@ def initialize(config, workdir) -> dict:
     gpt_tok, _ = load_tokenizers(config, workdir, texts)
     n = len(texts) if not config.initialize.max_sentences else min(len(texts), config.initialize.max_sentences)
     tokens, mask = _sentence_tokens(gpt_tok, texts[:n], config.initialize.ignore_token_zero)
-    prefixes = np.load(os.path.join(_store(workdir, "corpus"), embedding_store.ARRAY), mmap_mode="r")
+    prefixes = corpus.array  # memory-mapped: the rows of each batch are read when it is built
     t = config.initialize
     batches = StepBatches(n, t.global_batch, config.seed)
     total = _total(t, batches.per_epoch)
@@ -544,10 +543,8 @@ def initialized_generator(config, workdir, prefix_dim: int, vocab_size: int):
     try:
         step = ckpt.saved_step(-1)
         mesh = parallel.make_mesh(config.mesh)
-        layout = cgtgan_step.build_initialization(
-            mesh, abstract, optim.make(config.initialize.optim, nnx.state(abstract, nnx.Param), 1)[0],
-            optim.make(config.initialize.optim, nnx.state(abstract, nnx.Param), 1)[1],
-            rules=config.sharding.rules).layout
+        tx, schedule = optim.make(config.initialize.optim, nnx.state(abstract, nnx.Param), 1)
+        layout = cgtgan_step.build_initialization(mesh, abstract, tx, schedule, rules=config.sharding.rules).layout
         models = ckpt.restore_models(step, {GENERATOR: layout.abstract.models[GENERATOR]})
     finally:
         ckpt.close()

@@ -93,15 +93,20 @@ def scst_loss(logprobs, rewards):
     return -jnp.mean(logprobs * advantage)
 
 
+def _teacher_forced_logits(generator: captioner_lib.ClipPrefixCaptioner, clip_embeds, tokens, rngs):
+    """Logits [N, T, V] predicting each of ``tokens`` [N, T] from the prefix of ``clip_embeds`` and the
+    tokens before it."""
+    t, p = tokens.shape[1], generator.config.prefix_length
+    return generator(clip_embeds, tokens[:, :-1], rngs=rngs)[:, p - 1:p - 1 + t]  # of [N, P + T - 1, V]
+
+
 def sequence_logprobs(generator: captioner_lib.ClipPrefixCaptioner, clip_embeds, tokens, lengths, *, rngs=None,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Mean log-probability [N] of ``tokens`` [N, T] (as drawn) over their first ``lengths`` [N] tokens,
     each under the distribution it was drawn from (logits / temperature, then top-k/top-p), by teacher
     forcing from the prefix of ``clip_embeds`` [N, prefix_dim]."""
     t = tokens.shape[1]
-    logits = generator(clip_embeds, tokens[:, :-1], rngs=rngs)  # [N, P + T - 1, V]
-    p = generator.config.prefix_length
-    logits = logits[:, p - 1:p - 1 + t]
+    logits = _teacher_forced_logits(generator, clip_embeds, tokens, rngs)
     if temperature != 1.0 or top_k or top_p < 1.0:
         logits = decode.filter_logits(logits.reshape(-1, logits.shape[-1]), temperature, top_k, top_p
                                       ).reshape(logits.shape)
@@ -114,10 +119,7 @@ def sequence_logprobs(generator: captioner_lib.ClipPrefixCaptioner, clip_embeds,
 def teacher_forcing_loss(generator: captioner_lib.ClipPrefixCaptioner, clip_embeds, tokens, mask, *, rngs=None):
     """Mean cross-entropy of ``tokens`` [B, L] where ``mask`` [B, L] is 1, each predicted from the prefix
     of ``clip_embeds`` and the tokens before it (the reference's initialization loss)."""
-    t = tokens.shape[1]
-    logits = generator(clip_embeds, tokens[:, :-1], rngs=rngs)
-    p = generator.config.prefix_length
-    logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + t], axis=-1)
+    logp = jax.nn.log_softmax(_teacher_forced_logits(generator, clip_embeds, tokens, rngs), axis=-1)
     picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return -jnp.sum(picked * mask) / jnp.maximum(jnp.sum(mask), 1.0)
