@@ -181,8 +181,8 @@ def main():
 
     base = next((r for r in rows if r["variant"] == "torch_sgd"), None)
     base_s = base["warm_s"] if base else None
-    print(f"\n| variant | first call s | warm s | speedup first | speedup warm | chosen | val top1 | "
-          f"test top1 (bootstrap mean ± std) | test top3 |")
+    print("\n| variant | first call s | warm s | speedup first | speedup warm | chosen | val top1 | "
+          "test top1 (bootstrap mean ± std) | test top3 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         warm = r["warm_s"]

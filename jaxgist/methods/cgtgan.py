@@ -98,11 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.discriminator_warmup_steps = 0
     c.evaluate = ml_collections.ConfigDict(dict(step=-1, batch=64, metrics=("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"),
                                                 val_metrics=("BLEU", "METEOR", "ROUGE_L", "CIDEr"), examples=8))
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
-    c.distributed = ml_collections.ConfigDict(dict(
-        coordinator_address="", num_processes=-1, process_id=-1, cpu_collectives=""))
-    return c
+    return parallel.add_config(c)
 
 
 def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:
@@ -159,7 +155,7 @@ def _abstract_models(config, prefix_dim: int, gpt_vocab: int | None, roberta_voc
         GENERATOR: nnx.eval_shape(lambda: captioner.create_captioner(gpt2=gcfg, seed=0, **fields)),
         DISCRIMINATOR: nnx.eval_shape(lambda: captioner.Discriminator(roberta_lib.Roberta(rcfg, rngs=nnx.Rngs(0)),
                                                                       rngs=nnx.Rngs(0))),
-        CLIP: clip.abstract_from_config(config.clip),
+        CLIP: clip.text_only(clip.abstract_from_config(config.clip)),
     }
 
 
@@ -627,7 +623,7 @@ class Adversarial:
         self.total = total if total is not None else _total(config.train, self.batches.per_epoch)
         abstract_g = make_generator(config, self.prefix_dim, self.gpt_tok.vocab_size, seed=config.seed, abstract=True)
         _check_vocab(abstract_g.gpt.config.vocab_size, self.gpt_tok, "GPT-2")
-        self.clip_model = clip.from_config(clip_config(config, self.workdir), seed=config.seed)
+        self.clip_model = clip.text_only(clip.from_config(clip_config(config, self.workdir), seed=config.seed))
         if self.clip_model.config.embed_dim != self.prefix_dim:
             raise ValueError(f"config.clip embeds in {self.clip_model.config.embed_dim} dimensions but the stored "
                              f"image embeddings have {self.prefix_dim}: prepare them with the same CLIP")

@@ -56,11 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         keep=3, best_metric="", async_checkpoints=True, export_hf=False))
     c.evaluate = ml_collections.ConfigDict(dict(step=-1, watch_interval_s=30.0, watch_timeout_s=3600.0))
     c.optim = optim.default_config()
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
-    c.distributed = ml_collections.ConfigDict(dict(
-        coordinator_address="", num_processes=-1, process_id=-1, cpu_collectives=""))
-    return c
+    return parallel.add_config(c)
 
 
 def validate(config, num_devices: int | None = None, *, check_data: bool = True) -> None:

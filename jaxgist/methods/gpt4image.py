@@ -77,11 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = optim.default_config()
     c.optim.update(dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine",
                         final_lr_ratio=1e-4, schedule_unit="epoch"))
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.sharding = ml_collections.ConfigDict(dict(rules=parallel.DEFAULT_RULES))
-    c.distributed = ml_collections.ConfigDict(dict(
-        coordinator_address="", num_processes=-1, process_id=-1, cpu_collectives=""))
-    return c
+    return parallel.add_config(c)
 
 
 def family(arch: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -25,6 +26,17 @@ DATA_AXES = ("data", "fsdp")  # mesh axes the batch is split over
 KNOWN_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES = (("embed", "fsdp"),)
+
+
+def add_config(c):
+    """Adds the sections every training job reads, with their defaults, to config ``c`` and returns
+    it: ``mesh`` (all devices on ``data``), ``sharding.rules`` and ``distributed`` (read by
+    ``initialize_distributed``; -1 and "": detected)."""
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=-1, process_id=-1, cpu_collectives=""))
+    return c
 
 
 def parse_mesh(spec: Sequence[Sequence[Any]], num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -6,7 +6,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,9 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgist.methods import cgtgan_step  # noqa: E402
-from jaxgist.models import captioner, clip, gpt2, roberta  # noqa: E402
+from jaxgist.models import captioner, gpt2, roberta  # noqa: E402
 from jaxgist.models.clip import weights as clip_weights  # noqa: E402
 from jaxgist.training import optim, parallel  # noqa: E402
+from tests.models.torch_weights import perturb  # noqa: E402
 
 B, K, T, PREFIX_DIM, PREFIX_LEN, E, L_DISC, L_CLIP = 3, 2, 6, 16, 3, 16, 9, 8
 STOP = 13
@@ -31,14 +31,6 @@ DECAY_EXCLUDE = r"(bias|(ln_\d|ln_f|LayerNorm)\.scale)$"
 
 def torch_no_decay(name: str) -> bool:
     return name.endswith("bias") or bool(re.search(r"(ln_\d|ln_f|LayerNorm)\.weight$", name))
-
-
-def perturb(module, seed=0, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return module
 
 
 def copies(module):

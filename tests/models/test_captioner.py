@@ -14,18 +14,11 @@ transformers = pytest.importorskip("transformers")
 
 from jaxgist.models import captioner, gpt2, roberta  # noqa: E402
 from jaxgist.models.gpt2 import decode  # noqa: E402
+from tests.models.torch_weights import perturb  # noqa: E402
 
 ATOL = 1e-5
 PREFIX_DIM, PREFIX_LEN, T = 32, 4, 20
 PAD = 95
-
-
-def perturb(module, seed=0, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return module
 
 
 class TorchCaptioner(torch.nn.Module):

@@ -89,6 +89,21 @@ def test_logit_scale_is_clamped_at_ln100():
     assert float(model.scale()) == pytest.approx(100.0, rel=1e-6)
 
 
+def test_text_only_keeps_the_text_tower_and_drops_the_image_tower():
+    model = clip.create(TINY, seed=0)
+    pixels, ids = tiny_inputs()
+    expected = np.asarray(model.encode_text(ids))
+    full = param_count(model)
+    tower = param_count(model.vision_model) + param_count(model.visual_projection)
+    text = clip.text_only(model)
+    assert param_count(text) == full - tower
+    np.testing.assert_array_equal(np.asarray(text.encode_text(ids)), expected)
+    with pytest.raises(ValueError, match="no image tower"):
+        text.encode_image(pixels)
+    abstract = clip.text_only(clip.abstract(model.config))
+    assert param_count(abstract) == full - tower
+
+
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
     ref = clip.create(TINY, seed=1)
     low = clip.create(TINY, seed=1, dtype=jnp.bfloat16)

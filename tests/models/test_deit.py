@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from jaxgist.models import deit  # noqa: E402
 from jaxgist.models.clip import pretrained  # noqa: E402
 from jaxgist.models.deit import weights  # noqa: E402
+from tests.models.torch_weights import perturb  # noqa: E402
 
 ATOL = 1e-4
 TINY = dict(image_size=32, patch=8, width=32, depth=2, heads=4, num_classes=5)
@@ -30,15 +31,6 @@ def pixels(batch=3, size=32, seed=0):
 
 def nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def perturb(module, seed=0):
-    """Random weights further from the init, so that a wrong transpose or order would show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,18 +11,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgist.models import gpt2  # noqa: E402
+from tests.models.torch_weights import perturb  # noqa: E402
 
 ATOL = 1e-5
 TINY_HF = dict(vocab_size=96, n_positions=48, n_embd=64, n_layer=2, n_head=4, bos_token_id=95, eos_token_id=95)
-
-
-def perturb(module, seed=0, scale=0.05):
-    """Random weights further from the init, so that a wrong layout or order would show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return module
 
 
 def hf_gpt2(seed=0, **kw):

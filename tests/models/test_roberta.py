@@ -10,19 +10,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgist.models import roberta  # noqa: E402
+from tests.models.torch_weights import perturb  # noqa: E402
 
 ATOL = 1e-5
 TINY_HF = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
                eos_token_id=2)
-
-
-def perturb(module, seed=0, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return module
 
 
 def hf_roberta(seed=0):

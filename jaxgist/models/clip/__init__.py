@@ -19,6 +19,7 @@ from jaxgist.models.clip.model import (  # noqa: F401
     create,
     normalize,
     resolve_config,
+    text_only,
 )
 from jaxgist.models.clip.pretrained import PRETRAINED  # noqa: F401
 from jaxgist.models.clip.resnet import ResNetConfig  # noqa: F401

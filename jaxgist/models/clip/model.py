@@ -239,6 +239,8 @@ class CLIP(nnx.Module):
 
     def encode_image(self, pixels):
         """[B, H, W, 3] normalized pixels -> projected, unnormalized embeddings [B, E] (float32)."""
+        if self.vision_model is None:
+            raise ValueError("this CLIP has no image tower (made text-only by clip.text_only): it encodes text only")
         pixels = self.renormalize(pixels)
         if self.visual_projection is None:
             return self.vision_model(pixels).astype(jnp.float32)
@@ -272,6 +274,15 @@ class CLIP(nnx.Module):
         txt = normalize(self.encode_text(ids))
         logits_per_text = self.scale() * txt @ img.T
         return logits_per_text.T, logits_per_text
+
+
+def text_only(model: CLIP) -> CLIP:
+    """``model`` without its image tower (in place; returned): a CLIP that only encodes text, such as a
+    frozen reward model, then neither holds nor shards nor checkpoints the tower's weights.
+    ``encode_image`` raises; ``encode_text`` and ``scale`` are unchanged. Works on abstract models."""
+    model.vision_model = None
+    model.visual_projection = None
+    return model
 
 
 def normalize(x, eps: float = 0.0):

@@ -10,7 +10,6 @@ unexpected and mis-shaped key is reported at once in one ``CheckpointMismatchErr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import re
