@@ -4,7 +4,7 @@ RN50 (ModifiedResNet) and ViT-B/32 at full size, batch 64, fp32, on this machine
 random weights (OpenAI's reference model, its BatchNorm statistics randomized, saved as a state dict
 and loaded by ``clip.load``) and the same images for both. Prints the median seconds per batch, the
 images per second of each, the ratio (ours / PyTorch images per second: >1 means ours is faster) and
-the largest feature difference.
+the largest feature difference. The two implementations take turns batch by batch.
 
     python bench/clip_encode.py [--models RN50,ViT-B/32] [--batch 64] [--repeats 5]
 
@@ -38,7 +38,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="RN50,ViT-B/32", help=f"comma-separated, of {sorted(ARGS)}")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed batches per implementation (after 1 warm-up)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed batches per implementation, the two taking turns (after 1 warm-up each)")
     return p.parse_args()
 
 
@@ -53,14 +54,18 @@ def reference_module():
     return module
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation for ours)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(fns, repeats: int) -> list[float]:
+    """The median seconds of each of ``fns``, timed in turn within each repeat (after one warm-up call
+    each, which compiles ours), so that a drift in the machine's speed reaches every side alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main():
@@ -100,7 +105,7 @@ def main():
             with torch.no_grad():
                 return ref.encode_image(pt_pixels)
 
-        t_ours, t_ref = timed(run_ours, args.repeats), timed(run_ref, args.repeats)
+        t_ours, t_ref = interleaved([run_ours, run_ref], args.repeats)
         diff = float(np.abs(np.asarray(run_ours()) - run_ref().numpy()).max())
         print(f"{name:9s} ours {t_ours:.3f} s/batch ({args.batch / t_ours:6.1f} img/s)   "
               f"PyTorch {t_ref:.3f} s/batch ({args.batch / t_ref:6.1f} img/s)   ratio {t_ref / t_ours:.2f}x   "

@@ -195,15 +195,35 @@ class Dense(nnx.Module):
         return y.reshape(*lead, -1)
 
 
+def patch_matmul(pixels, kernel, dtype):
+    """A convolution whose stride equals its kernel (a ViT's patch embedding; ``kernel`` (p, p, C, D) as
+    ``nnx.Conv`` stores it), run as one matmul over the flattened patches: [B, H, W, C] ->
+    [B, H/p, W/p, D] in ``dtype``. On CPU about twice as fast as XLA's strided convolution."""
+    p, _, c, d = kernel.shape
+    b, h, w, _ = pixels.shape
+    if h % p or w % p:
+        raise ValueError(f"image of {h}x{w} pixels is not a whole number of {p}x{p} patches")
+    x = pixels.astype(dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    y = x.reshape(-1, p * p * c) @ kernel.reshape(p * p * c, d).astype(dtype)
+    return y.reshape(b, h // p, w // p, d)
+
+
 def dot_product_attention(q, k, v, *, allowed=None):
     """Softmax attention of q [B, Q, H, hd] over k, v [B, K, H, hd] (q scaled by hd^-1/2, softmax in
-    float32; ``allowed`` a boolean mask broadcastable to [B, H, Q, K]) -> [B, Q, H * hd]."""
+    float32; ``allowed`` a boolean mask broadcastable to [B, H, Q, K]) -> [B, Q, H * hd].
+
+    The heads are moved ahead of the positions first, so both products are batched matmuls over
+    [B, H]: on CPU about twice as fast as contracting the [B, Q, H, hd] layout in place (an
+    encoder layer's forward about 10% faster), and the same numbers."""
     b, nq, h, hd = q.shape
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd**-0.5, q.dtype), k).astype(jnp.float32)
+    qh = jnp.transpose(q * jnp.asarray(hd**-0.5, q.dtype), (0, 2, 1, 3))  # [B, H, Q, hd]
+    kh = jnp.transpose(k, (0, 2, 3, 1))  # [B, H, hd, K]
+    vh = jnp.transpose(v, (0, 2, 1, 3))  # [B, H, K, hd]
+    scores = jnp.matmul(qh, kh).astype(jnp.float32)
     if allowed is not None:
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, nq, h * hd)
+    return jnp.transpose(jnp.matmul(probs, vh), (0, 2, 1, 3)).reshape(b, nq, h * hd)
 
 
 class Attention(nnx.Module):

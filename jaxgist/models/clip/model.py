@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxgist.core import arrays
 from jaxgist.models.clip.resnet import ModifiedResNet, ResNetConfig
-from jaxgist.models.layers import ACTIVATIONS, Dense, Encoder, LayerNorm
+from jaxgist.models.layers import ACTIVATIONS, Dense, Encoder, LayerNorm, patch_matmul
 
 LOGIT_SCALE_MAX = math.log(100.0)
 # The image statistics OpenAI's CLIP was trained with, which jaxgist's input pipeline normalizes with.
@@ -130,6 +130,9 @@ PRESETS: dict[str, CLIPConfig] = {
 
 
 class VisionEmbeddings(nnx.Module):
+    """Patch embedding (an ``nnx.Conv`` holding the kernel, run as ``layers.patch_matmul``), the class
+    token prepended, and positional embeddings."""
+
     def __init__(self, c: VisionConfig, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         self.patch_embedding = nnx.Conv(
             3, c.width, kernel_size=(c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
@@ -144,7 +147,7 @@ class VisionEmbeddings(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, pixels):
-        x = self.patch_embedding(pixels.astype(self.dtype))  # [B, g, g, D]
+        x = patch_matmul(pixels, self.patch_embedding.kernel[...], self.dtype)  # [B, g, g, D]
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, d))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgist.models.layers import BatchNorm, Dense, dot_product_attention
+from jaxgist.models.layers import BatchNorm, Dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,12 @@ class Bottleneck(nnx.Module):
 
 class AttentionPool(nnx.Module):
     """The mean of the feature map prepended as a token, a learned positional embedding, and one
-    multi-head attention query from that token; ``c_proj`` maps to the joint embedding."""
+    multi-head attention query from that token; ``c_proj`` maps to the joint embedding.
+
+    With a single query the key and value projections are absorbed into it rather than applied to
+    every token: per head, q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and since the attention weights
+    sum to one, sum_n p_n (W_v x_n + b_v) = W_v (sum_n p_n x_n) + b_v. The same function as OpenAI's
+    (its parameters and their gradients), in about 1/25 of the multiply-adds at RN50's size."""
 
     def __init__(self, grid: int, width: int, heads: int, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.positional_embedding = nnx.Param(
@@ -146,6 +151,7 @@ class AttentionPool(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj = (Dense(width, width, **dense) for _ in range(3))
         self.c_proj = Dense(width, out_dim, **dense)
         self.heads = heads
+        self.dtype = dtype
 
     def __call__(self, x):
         b, gh, gw, d = x.shape
@@ -154,12 +160,21 @@ class AttentionPool(nnx.Module):
             raise ValueError(f"a {gh}x{gw} feature map (image of {gh * 32}px) does not fit the attention pool's "
                              f"{pos.shape[0] - 1} positions")
         x = x.reshape(b, gh * gw, d)
-        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos.astype(x.dtype)[None]
+        x = (jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos.astype(x.dtype)[None]).astype(self.dtype)
         h, hd = self.heads, d // self.heads
-        q = self.q_proj(x[:, :1]).reshape(b, 1, h, hd)
-        k = self.k_proj(x).reshape(b, -1, h, hd)
-        v = self.v_proj(x).reshape(b, -1, h, hd)
-        return self.c_proj(dot_product_attention(q, k, v).reshape(b, d))
+
+        def heads(p):  # a projection's kernel [D, H, hd] and bias [H, hd]
+            return (p.kernel[...].astype(self.dtype).reshape(d, h, hd),
+                    p.bias[...].astype(self.dtype).reshape(h, hd))
+
+        q = self.q_proj(x[:, 0]).reshape(b, h, hd) * jnp.asarray(hd**-0.5, self.dtype)  # [B, H, hd]
+        wk, bk = heads(self.k_proj)
+        scores = (jnp.einsum("bhd,bnd->bhn", jnp.einsum("bhe,dhe->bhd", q, wk), x)
+                  + jnp.einsum("bhe,he->bh", q, bk)[..., None])  # [B, H, N]
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        wv, bv = heads(self.v_proj)
+        out = jnp.einsum("bhd,dhe->bhe", jnp.einsum("bhn,bnd->bhd", probs, x), wv) + bv  # [B, H, hd]
+        return self.c_proj(out.reshape(b, d))
 
 
 class ModifiedResNet(nnx.Module):

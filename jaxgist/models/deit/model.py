@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgist.models.conversion import resolve_preset
-from jaxgist.models.layers import Dense, LayerNorm, activation, constrain_activations, dot_product_attention
+from jaxgist.models.layers import (Dense, LayerNorm, activation, constrain_activations, dot_product_attention,
+                                   patch_matmul)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,14 +151,9 @@ class PatchProjection(nnx.Module):
 
     def __call__(self, pixels):
         """[B, H, W, C] -> [B, (H/p) * (W/p), D], patches in row-major order."""
-        kernel = self.kernel[...]
-        p, _, c, d = kernel.shape
-        b, h, w, _ = pixels.shape
-        if h % p or w % p:
-            raise ValueError(f"image of {h}x{w} pixels is not a whole number of {p}x{p} patches")
-        x = pixels.astype(self.dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        y = x.reshape(-1, p * p * c) @ kernel.reshape(p * p * c, d).astype(self.dtype)
-        return (y + self.bias[...].astype(self.dtype)).reshape(b, (h // p) * (w // p), d)
+        y = patch_matmul(pixels, self.kernel[...], self.dtype)
+        b, gh, gw, d = y.shape
+        return (y + self.bias[...].astype(self.dtype)).reshape(b, gh * gw, d)
 
 
 class PatchEmbed(nnx.Module):
