@@ -72,6 +72,35 @@ def test_resnet_clip_matches_openai_reference(tmp_path, args):
     np.testing.assert_allclose(np.asarray(ours.encode_text(jnp.asarray(ids, jnp.int32))), ref_txt, rtol=0, atol=ATOL)
 
 
+def test_attention_pool_gradients_match_openai_reference(tmp_path):
+    """The pool absorbs its key/value projections into the query: the gradients of every pool parameter
+    (and of the stem, through the whole tower) must still be the reference's."""
+    from flax import nnx
+
+    args = RN_CONFIGS[0]
+    ref = reference(args)
+    torch.save(ref.state_dict(), tmp_path / "rn.pt")
+    ours = clip.load(tmp_path / "rn.pt", act="quick_gelu")
+    pixels, _ = inputs(args)
+    direction = np.random.default_rng(3).normal(size=(pixels.shape[0], args[0])).astype(np.float32)
+    loss = (ref.encode_image(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())) * torch.from_numpy(direction)).sum()
+    loss.backward()
+    grads = nnx.grad(lambda m: jnp.sum(m.encode_image(jnp.asarray(pixels)) * direction))(ours)
+    pool, ref_pool = grads["vision_model"]["attnpool"], ref.visual.attnpool
+    pairs = {"positional_embedding": (pool["positional_embedding"][...], ref_pool.positional_embedding.grad)}
+    for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+        layer = getattr(ref_pool, name)
+        pairs[f"{name}.weight"] = (pool[name]["kernel"][...].T, layer.weight.grad)
+        pairs[f"{name}.bias"] = (pool[name]["bias"][...], layer.bias.grad)
+    pairs["conv1.weight"] = (grads["vision_model"]["conv1"]["kernel"][...].transpose(3, 2, 0, 1), ref.visual.conv1.weight.grad)
+    for name, (got, want) in pairs.items():
+        want = want.numpy()
+        scale = max(float(np.abs(want).max()), 1e-3)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * scale, err_msg=name)
+    # the value bias gets a gradient well above the tolerance, so the comparison above tests it
+    assert float(np.abs(np.asarray(pool["v_proj"]["bias"][...])).max()) > 1e-3
+
+
 def test_torchscript_archive_and_state_dict_give_identical_parameters(tmp_path):
     """OpenAI released its checkpoints as TorchScript archives: they load (QuickGELU without being told)
     to exactly the parameters of the same weights' state dict."""
