@@ -4,7 +4,8 @@ RN50 (ModifiedResNet) and ViT-B/32 at full size, batch 64, fp32, on this machine
 random weights (OpenAI's reference model, its BatchNorm statistics randomized, saved as a state dict
 and loaded by ``clip.load``) and the same images for both. Prints the median seconds per batch, the
 images per second of each, the ratio (ours / PyTorch images per second: >1 means ours is faster) and
-the largest feature difference. The two implementations take turns batch by batch.
+the largest feature difference. The two implementations take turns batch by batch, each timed batch
+after a 1 s pause.
 
     python bench/clip_encode.py [--models RN50,ViT-B/32] [--batch 64] [--repeats 5]
 
@@ -15,6 +16,7 @@ the README's test dependencies.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import pathlib
 import statistics
@@ -23,6 +25,8 @@ import tempfile
 import time
 
 import numpy as np
+
+PAUSE_S = 1.0  # before each timed call
 
 # (embed_dim, image_resolution, vision_layers, vision_width, patch, context, vocab, text_width, text_heads,
 # text_layers): OpenAI's published sizes
@@ -56,12 +60,15 @@ def reference_module():
 
 def interleaved(fns, repeats: int) -> list[float]:
     """The median seconds of each of ``fns``, timed in turn within each repeat (after one warm-up call
-    each, which compiles ours), so that a drift in the machine's speed reaches every side alike."""
+    each, which compiles ours), so that a drift in the machine's speed reaches every side alike. Each
+    timed call starts after a pause: without it the side that runs second is slowed by what the first
+    leaves running (up to 15% measured here)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
@@ -70,6 +77,10 @@ def interleaved(fns, repeats: int) -> list[float]:
 
 def main():
     args = parse_args()
+    from jaxgist.core import xla_flags
+
+    added = xla_flags.apply_defaults()  # the XLA flags jaxgist's launcher runs with, before jax starts
+    print("XLA flags added: " + (" ".join(added) or "none") + " ($XLA_FLAGS: " + os.environ.get("XLA_FLAGS", "") + ")")
     import jax
     import jax.numpy as jnp
     import torch

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxgist import config_loading, methods
-from jaxgist.core import files
+from jaxgist.core import files, xla_flags
 from jaxgist.training import loop, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/demo.py[:arg].")
@@ -142,6 +142,7 @@ _STARTED = False  # main() has begun: errors after this point are the job's, not
 
 
 def cli():
+    xla_flags.apply_defaults()  # before jax creates its backends
     flags.mark_flags_as_required(["config", "workdir"])
     try:
         app.run(main)

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and parsed absl flags."""
+"""Test setup: 8 fake CPU devices and jaxgist's default XLA flags (set before jax is imported), and parsed
+absl flags."""
 
 import os
 
@@ -6,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from jaxgist.core import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # the flags jaxgist's launcher runs with
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
