@@ -142,7 +142,8 @@ class AttentionPool(nnx.Module):
     With a single query the key and value projections are absorbed into it rather than applied to
     every token: per head, q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and since the attention weights
     sum to one, sum_n p_n (W_v x_n + b_v) = W_v (sum_n p_n x_n) + b_v. The same function as OpenAI's
-    (its parameters and their gradients), in about 1/25 of the multiply-adds at RN50's size."""
+    (its parameters and their gradients), in about a twentieth of the multiply-adds at RN50's size
+    (a batch of 64 on 2 CPU cores: 0.40 s down to 0.12 s)."""
 
     def __init__(self, grid: int, width: int, heads: int, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.positional_embedding = nnx.Param(
