@@ -16,7 +16,6 @@ the README's test dependencies.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
 import pathlib
 import statistics
@@ -79,8 +78,7 @@ def main():
     args = parse_args()
     from jaxgist.core import xla_flags
 
-    added = xla_flags.apply_defaults()  # the XLA flags jaxgist's launcher runs with, before jax starts
-    print("XLA flags added: " + (" ".join(added) or "none") + " ($XLA_FLAGS: " + os.environ.get("XLA_FLAGS", "") + ")")
+    print(xla_flags.describe(xla_flags.apply_defaults()))  # the launcher's XLA flags, before jax starts
     import jax
     import jax.numpy as jnp
     import torch

@@ -17,7 +17,6 @@ against the device's bf16 peak (``jaxgist.training.metrics.PEAK_BF16_FLOPS``).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -38,8 +37,7 @@ def main():
     args = parse_args()
     from jaxgist.core import xla_flags
 
-    added = xla_flags.apply_defaults()  # the XLA flags jaxgist's launcher runs with, before jax starts
-    print("XLA flags added: " + (" ".join(added) or "none") + " ($XLA_FLAGS: " + os.environ.get("XLA_FLAGS", "") + ")")
+    print(xla_flags.describe(xla_flags.apply_defaults()))  # the launcher's XLA flags, before jax starts
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -40,8 +40,8 @@ def _jaxlib_version() -> tuple[int, int] | None:
 
 def backends_started() -> bool:
     """Whether jax has already created its backends (after which $XLA_FLAGS is not read again)."""
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")  # not imported yet: nothing has started
+    return xla_bridge is not None and xla_bridge.backends_are_initialized()
 
 
 def apply_defaults(environ=None, jaxlib_version=None) -> list[str]:
@@ -60,3 +60,9 @@ def apply_defaults(environ=None, jaxlib_version=None) -> list[str]:
     if added:
         environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
     return added
+
+
+def describe(added: list[str], environ=None) -> str:
+    """One line for a program's log: the flags ``apply_defaults`` added and the resulting ``$XLA_FLAGS``."""
+    environ = os.environ if environ is None else environ
+    return f"XLA flags added: {' '.join(added) or 'none'} ($XLA_FLAGS: {environ.get('XLA_FLAGS', '')})"

@@ -22,6 +22,8 @@ def test_adds_the_defaults_after_the_users_flags(monkeypatch):
     assert env["XLA_FLAGS"].count(NAME) == 1
     empty = {}
     assert xla_flags.apply_defaults(empty, KNOWN) and empty["XLA_FLAGS"] == f"--{NAME}={VALUE}"
+    assert xla_flags.describe([f"--{NAME}={VALUE}"], empty) == f"XLA flags added: --{NAME}={VALUE} ($XLA_FLAGS: --{NAME}={VALUE})"
+    assert xla_flags.describe([], {}) == "XLA flags added: none ($XLA_FLAGS: )"
 
 
 def test_keeps_the_users_value_the_opt_out_and_unknown_versions(monkeypatch):
